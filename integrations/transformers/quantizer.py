@@ -1,0 +1,66 @@
+"""The HfQuantizer that loads auto_round checkpoints: swap nn.Linear for QuantLinear before the
+weights load, check and prepare the kernels after."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from quantize.checkpoint import ConfigError
+from quantize.kernels import LinearSpec
+from quantize.packing import layout_fits
+
+from quantize.integrations.transformers.modules import QuantLinear
+
+
+def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -> int:
+    """Replace every linear layer the checkpoint stores quantized; returns how many."""
+    ckpt = config.checkpoint
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        scheme = ckpt.layer_scheme(name)
+        if scheme is None:
+            continue
+        k, n = module.in_features, module.out_features
+        if scheme.group_size != -1 and k % scheme.group_size:
+            raise ConfigError(f"layer {name}: group_size {scheme.group_size} does not divide in_features {k}")
+        why = layout_fits(ckpt.layout, scheme.bits, k, n)
+        if why:
+            raise ConfigError(f"layer {name}: {why} (packing_format {ckpt.packing_format})")
+        spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, ckpt.layout, k, n)
+        qlinear = QuantLinear(spec, module.bias is not None, module.weight.dtype, kernel)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, qlinear)
+        count += 1
+    if count == 0:
+        raise ConfigError(
+            f"no linear layer of {type(model).__name__} matches block_name_to_quantize="
+            f"{ckpt.block_name_to_quantize}: the checkpoint does not belong to this architecture"
+        )
+    return count
+
+
+class AutoRoundQuantizer(HfQuantizer):
+    requires_calibration = True  # loads pre-quantized checkpoints only; `python -m quantize` makes them
+
+    def validate_environment(self, *args, **kwargs):
+        pass
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_linear_layers(model, self.quantization_config, self.quantization_config.kernel)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLinear):
+                module.check_loaded(name)
+                module.prepare()
+        return model
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True

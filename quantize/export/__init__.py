@@ -1,0 +1,1 @@
+"""Checkpoint writers, one module per format."""

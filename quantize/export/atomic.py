@@ -1,0 +1,42 @@
+"""Write a folder so that it appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from quantize.model import UserError
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not overwrite:
+        raise UserError(f"output folder {path} already exists: choose another --output_dir or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output path {path} exists and is not a folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False):
+    """Yield a temporary folder beside ``path``; on success it is renamed to ``path`` (replacing an old
+    folder when ``overwrite``), on failure it is deleted, so an interrupted run leaves nothing that
+    looks like a finished checkpoint."""
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

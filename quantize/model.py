@@ -1,0 +1,174 @@
+"""Loading causal LMs and finding the decoder blocks that SignRound tunes one at a time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Where known decoder-only families keep their blocks (dotted paths from the CausalLM module).
+BLOCK_PATHS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers")
+SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2/Gemma3, Phi-3, OPT and other decoder-only models whose blocks sit in a ModuleList"
+
+
+class UserError(Exception):
+    """Bad input from the user: the message names the problem and the fix; the CLI prints it and exits 2."""
+
+
+@dataclass
+class Blocks:
+    prefix: str  # e.g. "model.layers"
+    modules: nn.ModuleList
+
+    def name(self, i: int) -> str:
+        return f"{self.prefix}.{i}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    # CPUs without bf16 matrix units run bf16 matmuls ~50x slower than float32: compute in float32 there.
+    return model_dtype if device.type == "cuda" else torch.float32
+
+
+def resolve_model_path(spec: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None). Local paths are checked here, with a clear error."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path), None
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return str(path), ggufs[0].name
+        raise UserError(f"{path} has neither a config.json nor a .gguf file: point at a Hugging Face model folder")
+    if spec.startswith((".", "/", "~")) or path.suffix or spec.count("/") != 1:
+        raise UserError(f"model path {spec!r} does not exist: check the path, or pass a hub id like 'org/name'")
+    return spec, None
+
+
+def load_model(spec: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load a causal LM and its tokenizer from a folder, a .gguf file or a hub id. Stays on the CPU;
+    the weights keep the checkpoint's dtype unless ``dtype`` is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model_path(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as e:
+        if not Path(where).exists():
+            raise UserError(
+                f"could not fetch {where!r} from the Hugging Face hub ({e.__class__.__name__}); "
+                "without network access, download the model elsewhere and pass its local folder"
+            ) from e
+        raise UserError(f"could not read the model config in {where}: {e}") from e
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{config.model_type} is an encoder-decoder model; supported: {SUPPORTED_FAMILIES}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or "auto", **kwargs)
+    except ValueError as e:
+        raise UserError(f"{config.model_type} is not a causal LM transformers can load: {e}. Supported: {SUPPORTED_FAMILIES}") from e
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model.eval()
+    if gguf and model.dtype == torch.float32 and dtype is None:
+        # GGUF weights dequantize to float32; bf16 halves the memory and matches what engines serve.
+        model = model.to(torch.bfloat16)
+    return model, tokenizer
+
+
+def find_blocks(model: nn.Module) -> Blocks:
+    for path in BLOCK_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) and linear_layers(module[0]):
+            return Blocks(path, module)
+    raise UserError(
+        f"cannot find the decoder blocks of {type(model).__name__}: expected a ModuleList of blocks with "
+        f"nn.Linear layers at one of {', '.join(BLOCK_PATHS)}. Supported: {SUPPORTED_FAMILIES}"
+    )
+
+
+def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise UserError(f"weight {name} contains NaN or inf: the model is corrupted; re-download or re-export it")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: Blocks, ids: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering the first block for every calibration sample, ``[n, seqlen, hidden]`` on
+    ``device``, and the keyword arguments the model passes to its blocks (attention mask, position ids
+    and embeddings), captured once: every sample has the same length, so they are shared."""
+    captured: list[torch.Tensor] = []
+    block_kwargs: dict = {}
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(hidden.to(device, dtype))
+        if not block_kwargs:
+            block_kwargs.update({k: v for k, v in kwargs.items() if k not in ("hidden_states",)})
+        raise _StopForward
+
+    home = next(t for _, t in _non_block_tensors(model, blocks)).device
+    _move_non_block(model, blocks, device)
+    handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in ids:
+            try:
+                model(row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_non_block(model, blocks, home)
+    block_kwargs.pop("past_key_values", None)
+    block_kwargs.pop("past_key_value", None)
+    block_kwargs["use_cache"] = False
+    return torch.cat(captured), _to(block_kwargs, device, dtype)
+
+
+def _to(obj, device, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _non_block_tensors(model: nn.Module, blocks: Blocks):
+    prefix = blocks.prefix + "."
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix):
+            yield name, t
+
+
+def _move_non_block(model: nn.Module, blocks: Blocks, device: torch.device) -> None:
+    """Move everything outside the blocks (embeddings, rotary tables, final norm, head) to ``device``."""
+    for _, t in _non_block_tensors(model, blocks):
+        t.data = t.data.to(device)
+
+
+def block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out

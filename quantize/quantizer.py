@@ -1,0 +1,93 @@
+"""Block-by-block quantization of a whole model: capture block inputs once, then tune each block."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantize.layer_config import LayerPlan
+from quantize.model import Blocks, UserError, block_output, capture_block_inputs, compute_dtype
+from quantize.presets import TuneConfig
+from quantize.signround import QuantizedWeight, tune_block
+
+
+@dataclass
+class QuantizationResult:
+    weights: dict[str, QuantizedWeight]  # full layer name -> integer form
+    plan: LayerPlan
+    blocks: Blocks
+    tune: TuneConfig
+    seconds: float
+    block_losses: list[tuple[float, float]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int, amp: bool) -> torch.Tensor:
+    outs = []
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        for chunk in x.split(batch):
+            outs.append(block_output(block(chunk, **kwargs)).to(x.dtype))
+    return torch.cat(outs)
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise UserError(
+            f"NaN or inf in the activations {where}: the model overflows in this dtype or its weights are "
+            "corrupted; try --dtype float32, or check the model with `python -m quantize eval`"
+        )
+
+
+def quantize_model(
+    model: nn.Module,
+    blocks: Blocks,
+    plan: LayerPlan,
+    calib_ids: torch.Tensor,
+    cfg: TuneConfig,
+    device: torch.device,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``plan.quantize`` in place: on return those layers hold their dequantized weights (the
+    model computes exactly what a loaded checkpoint will) and the result holds their integer form."""
+    start = time.time()
+    model_dtype = next(blocks.modules.parameters()).dtype
+    dtype = compute_dtype(device, model_dtype)
+    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
+    _check_finite(fp_inputs, "entering the first block")
+    q_inputs = fp_inputs
+    generator = torch.Generator().manual_seed(cfg.seed)
+    result = QuantizationResult({}, plan, blocks, cfg, 0.0)
+
+    bar = tqdm(list(enumerate(blocks.modules)), desc="quantizing blocks", disable=not progress, unit="block")
+    for i, block in bar:
+        t0 = time.time()
+        prefix = blocks.name(i) + "."
+        layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
+        block.to(device, dtype)
+        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp)
+        _check_finite(targets, f"after block {i}")
+        if layers:
+            tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
+            result.weights.update({prefix + n: w for n, w in tuned.weights.items()})
+            result.block_losses.append((tuned.loss_before, tuned.loss_after))
+            bar.write(
+                f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
+                f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
+            )
+        if cfg.quantized_inputs and (layers or q_inputs is not fp_inputs):
+            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp)
+        else:
+            q_inputs = targets
+        fp_inputs = targets
+        block.to("cpu", model_dtype)
+        for name, qw in result.weights.items():
+            if name.startswith(prefix):
+                # The exact weights a loaded checkpoint gives back, in the model's dtype.
+                model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
+    result.seconds = time.time() - start
+    return result
