@@ -76,10 +76,11 @@ def load_model(spec: str, device: torch.device | None = None, dtype: torch.dtype
     except ValueError as e:
         raise UserError(f"{config.model_type} is not a causal LM transformers can load: {e}. Supported: {SUPPORTED_FAMILIES}") from e
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if gguf and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantizes GGUF weights on load but keeps the model flagged "quantized", which
+        # blocks dtype changes and saving; the weights are plain tensors now.
+        model.hf_quantizer.remove_quantization_config(model)
     model.eval()
-    if gguf and model.dtype == torch.float32 and dtype is None:
-        # GGUF weights dequantize to float32; bf16 halves the memory and matches what engines serve.
-        model = model.to(torch.bfloat16)
     return model, tokenizer
 
 

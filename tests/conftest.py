@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
+GUTENBERG = SHARED / "models" / "gutenberg-llama-29m"
+CALIB = SHARED / "data" / "gutenberg" / "calib.txt"
+
+
+def build_tiny_llama(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A small random Llama with the reference model's tokenizer, saved as a normal HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(GUTENBERG)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def gutenberg() -> Path:
+    if not GUTENBERG.exists():
+        pytest.skip(f"reference model not found at {GUTENBERG}")
+    return GUTENBERG

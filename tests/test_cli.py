@@ -1,0 +1,97 @@
+"""The command line: a real run on the reference model, evaluation, and every kind of bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CALIB, build_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "quantize", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, timeout=600)
+
+
+def test_quantize_then_eval(gutenberg, tmp_path):
+    out = tmp_path / "w4"
+    r = run(gutenberg, "--scheme", "W4A16", "--iters", "1", "--nsamples", "4", "--seqlen", "64", "--batch-size", "2",
+            "--dataset", CALIB, "--output-dir", out, "--layer_config", '{"layers.0.mlp.down_proj": {"bits": 8}}', "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "quantized   56 linear layers in 8 blocks" in r.stdout
+    assert "lm_head" in r.stdout and f"checkpoint  {out}" in r.stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"] == {"model.layers.0.mlp.down_proj": {"bits": 8}}
+
+    r = run("eval", out, "--tasks", "ppl,piqa", "--max-windows", "2", "--limit", "8", "--tasks-dir", REPO / ".." / "shared" / "data" / "tasks", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "ppl" in r.stdout and "piqa" in r.stdout
+
+
+def test_help_teaches():
+    r = run("--help")
+    assert r.returncode == 0
+    for flag in ("--scheme", "--bits", "--group_size", "--asym", "--iters", "--lr", "--nsamples", "--seqlen", "--batch_size",
+                 "--dataset", "--format", "--output_dir", "--device_map", "--layer_config", "examples:"):
+        assert flag in r.stdout
+    assert "--ppl-file" in run("eval", "--help").stdout
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    nan = build_tiny_llama(root / "nan")
+    from safetensors.torch import load_file, save_file
+    f = nan / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, f, metadata={"format": "pt"})
+    build_tiny_llama(root / "odd48", hidden=48, intermediate=80)
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64)).save_pretrained(root / "t5")
+    (root / "empty.txt").write_text("\n\n")
+    (root / "short.txt").write_text("Only a few words of text.")
+    return root
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing path", ["./no/such/model"], "does not exist"),
+    ("hub id offline", ["nobody-here/no-such-model-xyz"], "could not fetch"),
+    ("unknown scheme", ["{tiny}", "--scheme", "W5A16"], "unknown scheme"),
+    ("unknown preset", ["{tiny}", "--preset", "fastest"], "unknown preset"),
+    ("unknown format", ["{tiny}", "--format", "exl2"], "unknown --format"),
+    ("bad group size", ["{tiny}", "--group_size", "48"], "group_size=48"),
+    ("bad layer_config", ["{tiny}", "--layer_config", "{bits: 8"], "not valid JSON"),
+    ("group divides nothing", ["{odd}/odd48", "--group_size", "32"], "no layer can be quantized"),
+    ("unsupported architecture", ["{odd}/t5"], "encoder-decoder"),
+    ("nan weights", ["{odd}/nan"], "NaN or inf"),
+    ("empty calibration", ["{tiny}", "--dataset", "{odd}/empty.txt"], "holds no text"),
+    ("short calibration", ["{tiny}", "--dataset", "{odd}/short.txt"], "fewer than"),
+    ("missing calibration", ["{tiny}", "--dataset", "./nope.txt"], "does not exist"),
+])
+def test_bad_input(tiny_llama, odd_models, tmp_path, case, args, message):
+    args = [a.format(tiny=tiny_llama, odd=odd_models) for a in args]
+    out = tmp_path / "out"
+    group = [] if "--group_size" in args else ["--group_size", "32"]
+    r = run(*args, *group, "--iters", "0", "--nsamples", "2", "--seqlen", "32", "--batch_size", "1", "--output_dir", out, "--quiet")
+    assert r.returncode == 2, (case, r.stdout, r.stderr)
+    assert message in r.stderr, (case, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    common = [tiny_llama, "--group_size", "32", "--iters", "0", "--nsamples", "2", "--seqlen", "32", "--batch_size", "1",
+              "--dataset", CALIB, "--output_dir", out, "--quiet"]
+    r = run(*common)
+    assert r.returncode == 2 and "already exists" in r.stderr and (out / "keep.txt").exists()
+    r = run(*common, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
