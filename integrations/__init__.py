@@ -1,0 +1,1 @@
+"""Engine integrations (installed as ``quantize.integrations``): transformers, vLLM, SGLang."""

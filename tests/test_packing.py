@@ -33,7 +33,7 @@ def test_gptq_3bit_word_boundaries():
     codes[0, 10] = 0b111
     codes[0, 21] = 0b101
     w = as_unsigned(pack_bits(codes, 3)[0])
-    assert w[0] == 0b11 << 30 and w[1] == (0b1 | (0b01 << 31)) and w[2] == 0b1
+    assert w[0] == 0b11 << 30 and w[1] == (0b1 | (0b01 << 31)) and w[2] == 0b10
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

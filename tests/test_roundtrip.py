@@ -110,3 +110,13 @@ def test_loader_refuses_bad_checkpoints(gutenberg, tmp_path):
     missing = variant("missing", drop_tensor="model.layers.3.mlp.up_proj.qzeros")
     with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.up_proj.*qzeros"):
         AutoModelForCausalLM.from_pretrained(missing)
+
+
+def test_loader_refuses_wrong_shapes(gutenberg, tmp_path):
+    quantize_and_save(gutenberg, tmp_path / "ok", Scheme(4, 128, True), iters=0)
+    cfg_path = tmp_path / "ok" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["group_size"] = 64  # the tensors were written for 128
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.\S+: tensor \S+\.qzeros has shape \[4, 64\], expected \[8, 64\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ok")

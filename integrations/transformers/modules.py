@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.checkpoint import ConfigError
 from quantize.kernels import LinearSpec, select_kernel
 from quantize.packing import packed_shapes
 
@@ -30,12 +29,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"in={s.in_features}, out={s.out_features}, bits={s.bits}, group_size={s.group_size}, sym={s.sym}, layout={s.layout}, kernel={getattr(self.kernel, 'name', None)}"
-
-    def check_loaded(self, name: str) -> None:
-        for field in PACKED:
-            t = getattr(self, field)
-            if t.is_meta:
-                raise ConfigError(f"layer {name}: tensor {name}.{field} is missing from the checkpoint")
 
     def prepare(self) -> None:
         """Pick the kernel for this layer's device and let it derive its working tensors (registered as

@@ -3,6 +3,7 @@ weights load, check and prepare the kernels after."""
 
 from __future__ import annotations
 
+from safetensors import safe_open
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
@@ -10,7 +11,7 @@ from quantize.checkpoint import ConfigError
 from quantize.kernels import LinearSpec
 from quantize.packing import layout_fits
 
-from quantize.integrations.transformers.modules import QuantLinear
+from quantize.integrations.transformers.modules import PACKED, QuantLinear
 
 
 def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -> int:
@@ -42,19 +43,45 @@ def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -
     return count
 
 
+def check_tensors(model: nn.Module, checkpoint_files: list[str]) -> None:
+    """Every packed tensor present with the shape its layer's config implies, read from the safetensors
+    headers before anything loads (transformers would fill a missing tensor with garbage)."""
+    shapes = {}
+    for path in checkpoint_files:
+        if str(path).endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    if not shapes:
+        return
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        s = module.spec
+        for field in PACKED:
+            key, expected = f"{name}.{field}", tuple(getattr(module, field).shape)
+            if key not in shapes:
+                raise ConfigError(f"layer {name}: tensor {key} is missing from the checkpoint")
+            if shapes[key] != expected:
+                raise ConfigError(
+                    f"layer {name}: tensor {key} has shape {list(shapes[key])}, expected {list(expected)} for "
+                    f"bits={s.bits}, group_size={s.group_size}, layout {s.layout} ({s.in_features} -> {s.out_features})"
+                )
+
+
 class AutoRoundQuantizer(HfQuantizer):
     requires_calibration = True  # loads pre-quantized checkpoints only; `python -m quantize` makes them
 
     def validate_environment(self, *args, **kwargs):
         pass
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         replace_linear_layers(model, self.quantization_config, self.quantization_config.kernel)
+        if checkpoint_files:
+            check_tensors(model, checkpoint_files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for name, module in model.named_modules():
+        for module in model.modules():
             if isinstance(module, QuantLinear):
-                module.check_loaded(name)
                 module.prepare()
         return model
 
