@@ -1,6 +1,7 @@
 """The command line: a real run on the reference model, evaluation, and every kind of bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ from conftest import CALIB, build_tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "quantize", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, timeout=600)
+def run(*args, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "quantize", *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
 def test_quantize_then_eval(gutenberg, tmp_path):
@@ -73,10 +75,12 @@ def odd_models(tmp_path_factory):
     ("missing calibration", ["{tiny}", "--dataset", "./nope.txt"], "does not exist"),
 ])
 def test_bad_input(tiny_llama, odd_models, tmp_path, case, args, message):
-    args = [a.format(tiny=tiny_llama, odd=odd_models) for a in args]
+    args = [a.replace("{tiny}", str(tiny_llama)).replace("{odd}", str(odd_models)) for a in args]
     out = tmp_path / "out"
     group = [] if "--group_size" in args else ["--group_size", "32"]
-    r = run(*args, *group, "--iters", "0", "--nsamples", "2", "--seqlen", "32", "--batch_size", "1", "--output_dir", out, "--quiet")
+    # HF_HUB_OFFLINE makes the no-network case fail at once instead of after the hub client's retries.
+    r = run(*args, *group, "--iters", "0", "--nsamples", "2", "--seqlen", "32", "--batch_size", "1", "--output_dir", out, "--quiet",
+            env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, (case, r.stdout, r.stderr)
     assert message in r.stderr, (case, r.stderr)
     assert "Traceback" not in r.stderr
