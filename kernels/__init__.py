@@ -4,4 +4,9 @@ implementations, each taking packed checkpoint tensors and computing ``x @ W.T +
 from quantize.kernels.dispatch import KERNELS, LinearSpec, register_kernel, select_kernel
 from quantize.kernels import torch_ref  # noqa: F401  (registers the portable path)
 
+try:  # Triton kernels where Triton is installed (CUDA; its interpreter runs them on the CPU for tests)
+    from quantize.kernels import triton_gemm  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["KERNELS", "LinearSpec", "register_kernel", "select_kernel"]

@@ -22,10 +22,10 @@ class TorchKernel:
     @staticmethod
     def prepare(spec: LinearSpec, qweight, qzeros, scales) -> dict[str, torch.Tensor]:
         # Unpacked once: one byte per weight instead of re-running the bit shifts on every call.
-        q, scales, zeros = unpack(spec.layout, PackedLinear(qweight, qzeros, scales), spec.bits, spec.in_features, spec.out_features)
-        return {"q": q, "scales": scales, "zeros": zeros}
+        q, _, zeros = unpack(spec.layout, PackedLinear(qweight, qzeros, scales), spec.bits, spec.in_features, spec.out_features)
+        return {"q": q, "zeros_nk": zeros}
 
     @staticmethod
     def apply(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = dequantize(state["q"], state["scales"], state["zeros"], x.dtype)
+        w = dequantize(state["q"], state["scales"].t(), state["zeros_nk"], x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -38,5 +38,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"k_{key}", t, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = {k[2:]: t for k, t in self._buffers.items() if k.startswith("k_")}
+        # The kernel's derived tensors override the checkpoint's (e.g. a repacked qweight).
+        state = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
+        state.update({k[2:]: t for k, t in self._buffers.items() if k.startswith("k_")})
         return self.kernel.apply(self.spec, state, x, self.bias)
