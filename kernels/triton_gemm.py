@@ -19,12 +19,8 @@ from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K must not exceed the group size.
-_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64) for k in (64, 128) for s in (1, 2, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
-_LARGE_M = [
-    (m, n, k, 1, w, st)
-    for m, n, k, w, st in [(64, 64, 32, 4, 4), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
-                           (128, 64, 64, 4, 4), (64, 256, 32, 8, 3), (128, 256, 64, 8, 3), (32, 128, 128, 4, 3)]
-]
+_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64) for k in (64, 128) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
+_LARGE_M = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 32, 1, 4, 4)]
 
 
 def _configs(rows: list[tuple]) -> list[triton.Config]:

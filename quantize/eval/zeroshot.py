@@ -28,11 +28,12 @@ class Item:
     gold: int = 0
 
 
-TASKS: dict[str, Callable[[Path], list[Item]]] = {}
+Loader = Callable[[Path], list[Item]]
+TASKS: dict[str, Loader] = {}
 
 
-def register_task(name: str):
-    def register(loader: Callable[[Path], list[Item]]) -> Callable[[Path], list[Item]]:
+def register_task(name: str) -> Callable[[Loader], Loader]:
+    def register(loader: Loader) -> Loader:
         TASKS[name] = loader
         return loader
 
