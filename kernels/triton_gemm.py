@@ -39,21 +39,75 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _unpack_tile(qw_ptr, offs_k, offs_n, k_mask, n_mask, stride_qk, stride_qn, BITS: tl.constexpr):
-    """Codes ``[BLOCK_K, BLOCK_N]`` of rows ``offs_k``: bit offset ``k*BITS`` in column n's stream."""
-    bit = offs_k * BITS
-    word = bit // 32
-    shift = (bit % 32)[:, None]
-    mask = k_mask[:, None] & n_mask[None, :]
-    # Unsigned words, so that >> brings in zeros rather than copies of the sign bit.
-    w0 = tl.load(qw_ptr + word[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0).to(tl.uint32, bitcast=True)
-    q = (w0 >> shift) & ((1 << BITS) - 1)
-    if 32 % BITS != 0:
+def _unpack_tile(qw_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, K: tl.constexpr, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes ``[BLOCK_K, BLOCK_N]`` of rows ``k0 ..``: code k sits at bit ``k*BITS`` of column n's stream."""
+    if 32 % BITS == 0:
+        # Whole codes per word: load each word once and spread it over its 32/BITS rows.
+        PER: tl.constexpr = 32 // BITS
+        offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        mask = (offs_w < K // PER)[:, None] & n_mask[None, :]
+        # Unsigned words, so that >> brings in zeros rather than copies of the sign bit.
+        w = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        w = w.to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        q = (w[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        bit = offs_k * BITS
+        word = bit // 32
+        shift = (bit % 32)[:, None]
+        mask = (offs_k < K)[:, None] & n_mask[None, :]
+        w0 = tl.load(qw_ptr + word[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+        q = (w0.to(tl.uint32, bitcast=True) >> shift) & ((1 << BITS) - 1)
         # 3-bit codes may straddle two words: take the high part from the next word.
         spill = (shift + BITS) > 32
-        w1 = tl.load(qw_ptr + (word[:, None] + 1) * stride_qk + offs_n[None, :] * stride_qn, mask=mask & spill, other=0).to(tl.uint32, bitcast=True)
-        q = tl.where(spill, q | ((w1 << (32 - shift)) & ((1 << BITS) - 1)), q)
+        w1 = tl.load(qw_ptr + (word[:, None] + 1) * stride_qk + offs_n[None, :] * stride_qn, mask=mask & spill, other=0)
+        q = tl.where(spill, q | ((w1.to(tl.uint32, bitcast=True) << (32 - shift)) & ((1 << BITS) - 1)), q)
     return q
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn, group_size,
+                  K: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Float32 weights ``[BLOCK_K, BLOCK_N]``; BLOCK_K divides the group size, so one row of scales and
+    zeros serves the whole tile."""
+    q = _unpack_tile(qw_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, K, BITS, BLOCK_K, BLOCK_N)
+    g = k0 // group_size
+    row = n_mask & (k0 < K)  # split-K's last tiles may lie past K
+    s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=row, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=row, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - z[None, :]) * s[None, :]
+
+
+@triton.jit
+def _wq_gemv(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K: tl.constexpr, group_size, M_BUCKET,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Decode-sized M: one row of x per program, no tensor cores (nothing to gain at M = 1), reductions
+    on the CUDA cores while the weights stream."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
+        k0 = (i * SPLIT_K + pid_k) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                          group_size, K, BITS, BLOCK_K, BLOCK_N)
+        acc += tl.sum(x[:, None] * w, axis=0)
+    out = out_ptr + m * stride_om + offs_n * stride_on
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 @triton.jit
@@ -62,6 +116,7 @@ def _wq_gemm(
     M, N, K: tl.constexpr, group_size, M_BUCKET,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -76,17 +131,11 @@ def _wq_gemm(
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (i * SPLIT_K + pid_k) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        q = _unpack_tile(qw_ptr, offs_k, offs_n, k_mask, n_mask, stride_qk, stride_qn, BITS)
-        # BLOCK_K divides the group size, so the whole tile shares one row of scales and zeros.
-        g = k0 // group_size
-        row = n_mask & (k0 < K)  # split-K's last tiles may lie past K
-        s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=row, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=row, other=0.0).to(tl.float32)
-        w = ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(x.dtype)
-        acc += tl.dot(x, w)
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                          group_size, K, BITS, BLOCK_K, BLOCK_N).to(x.dtype)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -102,11 +151,22 @@ _wq_gemm_tuned = triton.autotune(
     reset_to_zero=["out_ptr"],
 )(_wq_gemm)
 
+_GEMV = [(n, k, s, w) for n in (64, 128) for k in (64, 128) for s in (1, 2, 4, 8) for w in (4,)] + [(256, 32, 4, 8), (128, 32, 8, 4)]
+_wq_gemv_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
+    key=["M_BUCKET", "N", "K", "group_size"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if named_args["group_size"] % c.kwargs["BLOCK_K"] == 0]},
+    reset_to_zero=["out_ptr"],
+)(_wq_gemv)
+
+GEMV_MAX_M = 4  # up to here one program per row beats padding M to a 16-row tensor-core tile
+
 
 def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
               group_size: int, config: dict | None = None) -> torch.Tensor:
     """``x @ W.T`` for ``x`` ``[M, K]`` and W given as GPTQ-layout ``qweight`` ``[K*bits/32, N]`` with float16
-    ``scales``/``zeros`` ``[G, N]``. ``config`` fixes the tile sizes (tests); None autotunes."""
+    ``scales``/``zeros`` ``[G, N]``. ``config`` fixes the kernel and its tiles (tests); None autotunes:
+    the GEMV kernel up to GEMV_MAX_M rows (or when ``config`` has no BLOCK_M), the tiled GEMM above."""
     m, k = x.shape
     n = qweight.shape[1]
     group = k if group_size == -1 else group_size
@@ -115,12 +175,15 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     args = (x, qweight, scales, zeros, out, m, n, k, group, _bucket(m),
             x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
             out.stride(0), out.stride(1))
-    if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _wq_gemm_tuned[grid](*args, BITS=bits)
+    gemv = (config is None and m <= GEMV_MAX_M) or (config is not None and "BLOCK_M" not in config)
+    if gemv:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], m)  # noqa: E731
+        (_wq_gemv_tuned if config is None else _wq_gemv)[grid](*args, BITS=bits, **(config or {}))
     else:
-        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-        _wq_gemm[grid](*args, BITS=bits, **config)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        # float32 inputs are multiplied exactly (no tf32), so they reproduce the CPU reference
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        (_wq_gemm_tuned if config is None else _wq_gemm)[grid](*args, BITS=bits, PRECISION=precision, **(config or {}))
     return out
 
 

@@ -34,7 +34,8 @@ def w4_checkpoint(gutenberg, tmp_path_factory):
 
 def test_gpu_greedy_text_equals_cpu(w4_checkpoint):
     cpu = AutoModelForCausalLM.from_pretrained(w4_checkpoint, dtype=torch.float32)
-    gpu = AutoModelForCausalLM.from_pretrained(w4_checkpoint, dtype=torch.bfloat16, device_map="cuda")
+    # float32 on both sides: the Triton kernels multiply exactly there, so only summation order differs
+    gpu = AutoModelForCausalLM.from_pretrained(w4_checkpoint, dtype=torch.float32, device_map="cuda")
     kernels = {m.kernel.name for m in gpu.modules() if isinstance(m, QuantLinear)}
     assert kernels == {"triton"}
     kw = dict(max_new_tokens=24, do_sample=False)

@@ -23,6 +23,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIGS = [
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1},
     {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2},
+    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1},
+    {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2},
 ]
 
 
@@ -38,7 +40,7 @@ def case(bits, group_size, sym, layout, n, k, seed=0):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym, layout", [(True, "gptq"), (False, "auto_round")])
 @pytest.mark.parametrize("group_size", [32, -1])
-@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "split_k"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["gemm", "gemm_split_k", "gemv", "gemv_split_k"])
 def test_matches_reference(bits, sym, layout, group_size, config):
     n, k, m = 96, 96, 3  # N (vs 64) and M not multiples of the tile; K a multiple of 32 (packing) but not of 64
     spec, packed, w = case(bits, group_size, sym, layout, n, k, seed=bits)
