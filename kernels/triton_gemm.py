@@ -20,7 +20,8 @@ from quantize.packing import PackedLinear, pack_bits, unpack
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K must not exceed the group size.
 _SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64) for k in (64, 128) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
-_LARGE_M = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 32, 1, 4, 4)]
+_LARGE_M = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 32, 1, 4, 4),
+            (32, 64, 64, 4, 4, 3), (64, 64, 64, 4, 4, 3), (64, 128, 64, 2, 4, 3), (32, 128, 64, 8, 4, 3)]
 
 
 def _configs(rows: list[tuple]) -> list[triton.Config]:
@@ -95,14 +96,16 @@ def _wq_gemv(
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Element-wise products accumulate in a 2-D tile; the cross-thread reduction happens once, at the end.
+    acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (i * SPLIT_K + pid_k) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
                           group_size, K, BITS, BLOCK_K, BLOCK_N)
-        acc += tl.sum(x[:, None] * w, axis=0)
+        acc2d += x[:, None] * w
+    acc = tl.sum(acc2d, axis=0)
     out = out_ptr + m * stride_om + offs_n * stride_on
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -151,7 +154,7 @@ _wq_gemm_tuned = triton.autotune(
     reset_to_zero=["out_ptr"],
 )(_wq_gemm)
 
-_GEMV = [(n, k, s, w) for n in (64, 128) for k in (64, 128) for s in (1, 2, 4, 8) for w in (4,)] + [(256, 32, 4, 8), (128, 32, 8, 4)]
+_GEMV = [(n, k, s, 4) for n in (64, 128, 256) for k in (16, 32) for s in (1, 2, 4, 8)]
 _wq_gemv_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
     key=["M_BUCKET", "N", "K", "group_size"],
@@ -191,6 +194,18 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+@torch.library.custom_op("quantize::wq_matmul", mutates_args=())
+def wq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """:func:`wq_matmul` as an opaque operator, so torch.compile and CUDA graphs treat it as one call."""
+    return wq_matmul(x, qweight, scales, zeros, bits, group_size)
+
+
+@wq_matmul_op.register_fake
+def _(x, qweight, scales, zeros, bits, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
 def gptq_form(spec: LinearSpec, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor):
     """(qweight in the GPTQ layout, float16 zero points ``[G, N]``) for any checkpoint layout."""
     q, _, zeros = unpack(spec.layout, PackedLinear(qweight, qzeros, scales), spec.bits, spec.in_features, spec.out_features)
@@ -220,7 +235,7 @@ class TritonKernel:
     @staticmethod
     def apply(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
-        y = wq_matmul(x.reshape(-1, shape[-1]), state["qweight"], state["scales"], state["zeros"], spec.bits, spec.group_size)
+        y = wq_matmul_op(x.reshape(-1, shape[-1]), state["qweight"], state["scales"], state["zeros"], spec.bits, spec.group_size)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], spec.out_features)
