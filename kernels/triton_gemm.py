@@ -18,10 +18,11 @@ import triton.language as tl
 from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); BLOCK_K must not exceed the group size.
-_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64) for k in (64, 128) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
-_LARGE_M = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 32, 1, 4, 4),
-            (32, 64, 64, 4, 4, 3), (64, 64, 64, 4, 4, 3), (64, 128, 64, 2, 4, 3), (32, 128, 64, 8, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). BLOCK_K / (32 / bits) must be >= 16 for
+# tl.dot on word-aligned codes; 3-bit tiles must divide the group size (configs that do not are pruned).
+_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64, 128) for k in (128, 256) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
+_LARGE_M = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (64, 64, 64, 1, 4, 4),
+            (32, 64, 128, 4, 4, 3), (64, 64, 128, 4, 4, 3), (64, 128, 128, 2, 4, 3), (32, 128, 128, 8, 4, 3)]
 
 
 def _configs(rows: list[tuple]) -> list[triton.Config]:
@@ -31,12 +32,14 @@ def _configs(rows: list[tuple]) -> list[triton.Config]:
     ]
 
 
+def _fits_group(config, named_args) -> bool:
+    # Word-aligned codes read scales per word row; the 3-bit path reads one row of scales per tile.
+    return 32 % named_args["BITS"] == 0 or named_args["group_size"] % config.kwargs["BLOCK_K"] == 0
+
+
 def _prune(configs, named_args, **kwargs):
-    group, small = named_args["group_size"], named_args["M"] <= 32
-    return [
-        c for c in configs
-        if group % c.kwargs["BLOCK_K"] == 0 and (c.kwargs["BLOCK_M"] == 16) == small
-    ]
+    small = named_args["M"] <= 32
+    return [c for c in configs if _fits_group(c, named_args) and (c.kwargs["BLOCK_M"] == 16) == small]
 
 
 @triton.jit
@@ -83,6 +86,41 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn
 
 
 @triton.jit
+def _load_words(qw_ptr, s_ptr, z_ptr, offs_w, w_mask, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                group_size, PER: tl.constexpr):
+    """Packed words ``[rows, BLOCK_N]`` and, per word row, its group's scales and zeros (a word's codes
+    always share a group, so tiles may span several groups)."""
+    mask = w_mask[:, None] & n_mask[None, :]
+    words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
+    g = (offs_w * PER) // group_size
+    sz = g[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    s2 = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    z2 = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    # Unsigned, so that >> brings in zeros rather than copies of the sign bit.
+    return words.to(tl.uint32, bitcast=True), s2, z2
+
+
+@triton.jit
+def _gemv_words(x_row, qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_xk, stride_qk, stride_qn, stride_sg,
+                stride_sn, group_size, K: tl.constexpr, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """One K tile of a GEMV row on word-aligned codes: ``sum_j x_j * (q_j - z) * s`` folded as
+    ``(sum_j x_j q_j - z sum_j x_j) * s``, a few instructions per weight."""
+    PER: tl.constexpr = 32 // BITS
+    offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    w_mask = offs_w < K // PER
+    words, s2, z2 = _load_words(qw_ptr, s_ptr, z_ptr, offs_w, w_mask, offs_n, n_mask, stride_qk, stride_qn,
+                                stride_sg, stride_sn, group_size, PER)
+    t = tl.zeros((BLOCK_K // PER, BLOCK_N), dtype=tl.float32)
+    xs = tl.zeros((BLOCK_K // PER,), dtype=tl.float32)
+    for j in tl.static_range(PER):
+        x = tl.load(x_row + (offs_w * PER + j) * stride_xk, mask=w_mask, other=0.0).to(tl.float32)
+        t += x[:, None] * ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+        xs += x
+    return (t - xs[:, None] * z2) * s2
+
+
+@triton.jit
 def _wq_gemv(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K: tl.constexpr, group_size, M_BUCKET,
@@ -97,14 +135,19 @@ def _wq_gemv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     # Element-wise products accumulate in a 2-D tile; the cross-thread reduction happens once, at the end.
-    acc2d = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    ROWS: tl.constexpr = BLOCK_K // (32 // BITS) if 32 % BITS == 0 else BLOCK_K
+    acc2d = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (i * SPLIT_K + pid_k) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
-                          group_size, K, BITS, BLOCK_K, BLOCK_N)
-        acc2d += x[:, None] * w
+        if 32 % BITS == 0:
+            acc2d += _gemv_words(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_xk,
+                                 stride_qk, stride_qn, stride_sg, stride_sn, group_size, K, BITS, BLOCK_K, BLOCK_N)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                              group_size, K, BITS, BLOCK_K, BLOCK_N)
+            acc2d += x[:, None] * w
     acc = tl.sum(acc2d, axis=0)
     out = out_ptr + m * stride_om + offs_n * stride_on
     if SPLIT_K == 1:
@@ -133,12 +176,26 @@ def _wq_gemm(
     # Split-K interleaves tiles: program pid_k takes K tiles pid_k, pid_k + SPLIT_K, ...
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (i * SPLIT_K + pid_k) * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
-                          group_size, K, BITS, BLOCK_K, BLOCK_N).to(x.dtype)
-        acc += tl.dot(x, w, input_precision=PRECISION)
+        if 32 % BITS == 0:
+            # Word-aligned codes: the tile is PER slices of BLOCK_K / PER rows, slice j holding code j of
+            # every word, so each slice is a plain [rows, BLOCK_N] tile: shifts, no reshapes.
+            PER: tl.constexpr = 32 // BITS
+            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            w_mask = offs_w < K // PER
+            words, s2, z2 = _load_words(qw_ptr, s_ptr, z_ptr, offs_w, w_mask, offs_n, n_mask, stride_qk, stride_qn,
+                                        stride_sg, stride_sn, group_size, PER)
+            for j in tl.static_range(PER):
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PER + j)[None, :] * stride_xk,
+                            mask=m_mask[:, None] & w_mask[None, :], other=0.0)
+                w = ((((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z2) * s2).to(x.dtype)
+                acc += tl.dot(x, w, input_precision=PRECISION)
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                              group_size, K, BITS, BLOCK_K, BLOCK_N).to(x.dtype)
+            acc += tl.dot(x, w, input_precision=PRECISION)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -154,11 +211,11 @@ _wq_gemm_tuned = triton.autotune(
     reset_to_zero=["out_ptr"],
 )(_wq_gemm)
 
-_GEMV = [(n, k, s, 4) for n in (64, 128, 256) for k in (16, 32) for s in (1, 2, 4, 8)]
+_GEMV = [(n, k, s, 4) for n in (64, 128, 256) for k in (32, 128) for s in (1, 2, 4, 8)]
 _wq_gemv_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
     key=["M_BUCKET", "N", "K", "group_size"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if named_args["group_size"] % c.kwargs["BLOCK_K"] == 0]},
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if _fits_group(c, named_args)]},
     reset_to_zero=["out_ptr"],
 )(_wq_gemv)
 

@@ -26,6 +26,7 @@ CONFIGS = [
     {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1},
     {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 2},
 ]
+GEMM_4BIT = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}
 
 
 def case(bits, group_size, sym, layout, n, k, seed=0):
@@ -42,7 +43,9 @@ def case(bits, group_size, sym, layout, n, k, seed=0):
 @pytest.mark.parametrize("group_size", [32, -1])
 @pytest.mark.parametrize("config", CONFIGS, ids=["gemm", "gemm_split_k", "gemv", "gemv_split_k"])
 def test_matches_reference(bits, sym, layout, group_size, config):
-    n, k, m = 96, 96, 3  # N (vs 64) and M not multiples of the tile; K a multiple of 32 (packing) but not of 64
+    n, k, m = 96, 320, 3  # N, M and K not multiples of the tiles (K a multiple of 32, as packing needs)
+    if "BLOCK_M" in config and 32 % bits == 0:
+        config = {**config, "BLOCK_K": 16 * 32 // bits}  # tl.dot needs 16 word rows; tiles span groups
     spec, packed, w = case(bits, group_size, sym, layout, n, k, seed=bits)
     qweight, zeros = gptq_form(spec, packed.qweight, packed.qzeros, packed.scales)
     x = torch.randn(m, k)
@@ -56,7 +59,7 @@ def test_awq_layout_is_repacked():
     spec, packed, w = case(4, 32, False, "awq", 64, 64)
     qweight, zeros = gptq_form(spec, packed.qweight, packed.qzeros, packed.scales)
     x = torch.randn(2, 64)
-    got = wq_matmul(x.to(DEVICE), qweight.to(DEVICE), packed.scales.to(DEVICE), zeros.to(DEVICE), 4, 32, CONFIGS[0])
+    got = wq_matmul(x.to(DEVICE), qweight.to(DEVICE), packed.scales.to(DEVICE), zeros.to(DEVICE), 4, 32, GEMM_4BIT)
     assert ((got.cpu() - x @ w.t()).norm() / (x @ w.t()).norm()) < 3e-3
 
 
@@ -68,6 +71,6 @@ def test_kernel_class_applies_bias_and_batch_dims():
     bias = torch.randn(32)
     state = {k: v.to(DEVICE) for k, v in state.items()}
     # the autotuner would time configs; in the interpreter, call with one fixed config through wq_matmul
-    y = wq_matmul(x.reshape(-1, 64).to(DEVICE), state["qweight"], state["scales"], state["zeros"], 4, 32, CONFIGS[0]).reshape(2, 3, 32) + bias.to(DEVICE)
+    y = wq_matmul(x.reshape(-1, 64).to(DEVICE), state["qweight"], state["scales"], state["zeros"], 4, 32, GEMM_4BIT).reshape(2, 3, 32) + bias.to(DEVICE)
     ref = x @ w.t() + bias
     assert ((y.cpu() - ref).norm() / ref.norm()) < 3e-3
