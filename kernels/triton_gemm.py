@@ -32,14 +32,14 @@ def _configs(rows: list[tuple]) -> list[triton.Config]:
     ]
 
 
-def _fits_group(config, named_args) -> bool:
+def _fits_group(config, named_args, constants) -> bool:
     # Word-aligned codes read scales per word row; the 3-bit path reads one row of scales per tile.
-    return 32 % named_args["BITS"] == 0 or named_args["group_size"] % config.kwargs["BLOCK_K"] == 0
+    return 32 % constants["BITS"] == 0 or named_args["group_size"] % config.kwargs["BLOCK_K"] == 0
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs, named_args, **constants):
     small = named_args["M"] <= 32
-    return [c for c in configs if _fits_group(c, named_args) and (c.kwargs["BLOCK_M"] == 16) == small]
+    return [c for c in configs if _fits_group(c, named_args, constants) and (c.kwargs["BLOCK_M"] == 16) == small]
 
 
 @triton.jit
@@ -215,7 +215,7 @@ _GEMV = [(n, k, s, 4) for n in (64, 128, 256) for k in (32, 128) for s in (1, 2,
 _wq_gemv_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
     key=["M_BUCKET", "N", "K", "group_size"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if _fits_group(c, named_args)]},
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if _fits_group(c, named_args, kw)]},
     reset_to_zero=["out_ptr"],
 )(_wq_gemv)
 
