@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 
 from quantize.kernels.dispatch import LinearSpec
-from quantize.kernels.triton_gemm import gptq_form, wq_matmul
+from quantize.kernels.triton_gemm import GEMV_MAX_M, _wq_gemm_tuned, _wq_gemv_tuned, gptq_form, wq_matmul
 from quantize.numerics import dequantize, quantize_weight
 from quantize.packing import pack
 
@@ -60,8 +60,9 @@ def main() -> None:
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         t_bf16 = bench(lambda: F.linear(x, w_ref))
         t_q = bench(lambda: wq_matmul(x, qweight, scales, zeros, bits, args.group))
-        rows.append(dict(bits=bits, M=m, N=n, K=k, bf16_us=t_bf16, quant_us=t_q, speedup=t_bf16 / t_q, rel_err=err))
-        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}", flush=True)
+        best = (_wq_gemv_tuned if m <= GEMV_MAX_M else _wq_gemm_tuned).best_config
+        rows.append(dict(bits=bits, M=m, N=n, K=k, bf16_us=t_bf16, quant_us=t_q, speedup=t_bf16 / t_q, rel_err=err, config=str(best)))
+        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}  {best}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "group_size": args.group, "rows": rows}, f, indent=2)

@@ -20,9 +20,10 @@ from quantize.packing import PackedLinear, pack_bits, unpack
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). BLOCK_K / (32 / bits) must be >= 16 for
 # tl.dot on word-aligned codes; 3-bit tiles must divide the group size (configs that do not are pruned).
-_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64, 128) for k in (128, 256) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3)]
+_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64, 128) for k in (128, 256) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3), (16, 64, 512, 4, 4, 3)]
 _LARGE_M = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (64, 64, 64, 1, 4, 4),
-            (32, 64, 128, 4, 4, 3), (64, 64, 128, 4, 4, 3), (64, 128, 128, 2, 4, 3), (32, 128, 128, 8, 4, 3)]
+            (32, 64, 128, 4, 4, 3), (64, 64, 128, 4, 4, 3), (64, 128, 128, 2, 4, 3), (32, 128, 128, 8, 4, 3),
+            (64, 128, 256, 1, 4, 3), (64, 64, 256, 4, 4, 3)]
 
 
 def _configs(rows: list[tuple]) -> list[triton.Config]:
@@ -38,8 +39,13 @@ def _fits_group(config, named_args, constants) -> bool:
 
 
 def _prune(configs, named_args, **constants):
-    small = named_args["M"] <= 32
-    return [c for c in configs if _fits_group(c, named_args, constants) and (c.kwargs["BLOCK_M"] == 16) == small]
+    small, per = named_args["M"] <= 32, 32 // constants["BITS"]
+    return [
+        c for c in configs
+        if _fits_group(c, named_args, constants) and (c.kwargs["BLOCK_M"] == 16) == small
+        # tl.dot needs 16 rows of K: BLOCK_K / (codes per word) for word-aligned bits
+        and (32 % constants["BITS"] or c.kwargs["BLOCK_K"] // per >= 16)
+    ]
 
 
 @triton.jit
@@ -211,7 +217,7 @@ _wq_gemm_tuned = triton.autotune(
     reset_to_zero=["out_ptr"],
 )(_wq_gemm)
 
-_GEMV = [(n, k, s, 4) for n in (64, 128, 256) for k in (32, 128) for s in (1, 2, 4, 8)]
+_GEMV = [(n, k, s, w) for n in (64, 128, 256) for k in (64, 256) for s in (1, 4, 8) for w in (4, 8)] + [(32, 512, 4, 4), (64, 512, 2, 4)]
 _wq_gemv_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
     key=["M_BUCKET", "N", "K", "group_size"],
