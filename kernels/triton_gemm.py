@@ -18,12 +18,11 @@ import triton.language as tl
 from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). BLOCK_K / (32 / bits) must be >= 16 for
-# tl.dot on word-aligned codes; 3-bit tiles must divide the group size (configs that do not are pruned).
-_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64, 128) for k in (128, 256) for s in (1, 4, 8)] + [(16, 64, 32, 4, 4, 3), (16, 64, 512, 4, 4, 3)]
-_LARGE_M = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (128, 256, 128, 1, 8, 3), (64, 64, 64, 1, 4, 4),
-            (32, 64, 128, 4, 4, 3), (64, 64, 128, 4, 4, 3), (64, 128, 128, 2, 4, 3), (32, 128, 128, 8, 4, 3),
-            (64, 128, 256, 1, 4, 3), (64, 64, 256, 4, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); configs whose BLOCK_K does not divide the
+# group size are pruned.
+_SMALL_M = [(16, n, k, s, 4, 3) for n in (32, 64) for k in (32, 64, 128) for s in (1, 4, 8)]
+_LARGE_M = [(64, 128, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 64, 32, 1, 4, 4),
+            (32, 64, 64, 4, 4, 3), (64, 64, 64, 4, 4, 3), (64, 128, 64, 2, 4, 3), (32, 128, 32, 8, 4, 3)]
 
 
 def _configs(rows: list[tuple]) -> list[triton.Config]:
@@ -39,13 +38,9 @@ def _fits_group(config, named_args, constants) -> bool:
 
 
 def _prune(configs, named_args, **constants):
-    small, per = named_args["M"] <= 32, 32 // constants["BITS"]
-    return [
-        c for c in configs
-        if _fits_group(c, named_args, constants) and (c.kwargs["BLOCK_M"] == 16) == small
-        # tl.dot needs 16 rows of K: BLOCK_K / (codes per word) for word-aligned bits
-        and (32 % constants["BITS"] or c.kwargs["BLOCK_K"] // per >= 16)
-    ]
+    # The GEMM tile reads one row of scales, so its BLOCK_K must divide the group size.
+    small = named_args["M"] <= 32
+    return [c for c in configs if named_args["group_size"] % c.kwargs["BLOCK_K"] == 0 and (c.kwargs["BLOCK_M"] == 16) == small]
 
 
 @triton.jit
@@ -182,26 +177,12 @@ def _wq_gemm(
     # Split-K interleaves tiles: program pid_k takes K tiles pid_k, pid_k + SPLIT_K, ...
     for i in range(0, tl.cdiv(K, BLOCK_K * SPLIT_K)):
         k0 = (i * SPLIT_K + pid_k) * BLOCK_K
-        if 32 % BITS == 0:
-            # Word-aligned codes: the tile is PER slices of BLOCK_K / PER rows, slice j holding code j of
-            # every word, so each slice is a plain [rows, BLOCK_N] tile: shifts, no reshapes.
-            PER: tl.constexpr = 32 // BITS
-            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
-            w_mask = offs_w < K // PER
-            words, s2, z2 = _load_words(qw_ptr, s_ptr, z_ptr, offs_w, w_mask, offs_n, n_mask, stride_qk, stride_qn,
-                                        stride_sg, stride_sn, group_size, PER)
-            for j in tl.static_range(PER):
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (offs_w * PER + j)[None, :] * stride_xk,
-                            mask=m_mask[:, None] & w_mask[None, :], other=0.0)
-                w = ((((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z2) * s2).to(x.dtype)
-                acc += tl.dot(x, w, input_precision=PRECISION)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
-                              group_size, K, BITS, BLOCK_K, BLOCK_N).to(x.dtype)
-            acc += tl.dot(x, w, input_precision=PRECISION)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, stride_qk, stride_qn, stride_sg, stride_sn,
+                          group_size, K, BITS, BLOCK_K, BLOCK_N).to(x.dtype)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
