@@ -193,7 +193,7 @@ def _wq_gemm(
 
 _wq_gemm_tuned = triton.autotune(
     configs=_configs(_SMALL_M + _LARGE_M),
-    key=["M_BUCKET", "N", "K", "group_size"],
+    key=["M_BUCKET", "N", "K", "group_size", "BITS"],  # BITS too: a 4-bit best config may not fit 3-bit
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["out_ptr"],
 )(_wq_gemm)
@@ -201,7 +201,7 @@ _wq_gemm_tuned = triton.autotune(
 _GEMV = [(n, k, s, w) for n in (64, 128, 256) for k in (64, 256) for s in (1, 4, 8) for w in (4, 8)] + [(32, 512, 4, 4), (64, 512, 2, 4)]
 _wq_gemv_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": s}, num_warps=w, num_stages=3) for n, k, s, w in _GEMV],
-    key=["M_BUCKET", "N", "K", "group_size"],
+    key=["M_BUCKET", "N", "K", "group_size", "BITS"],  # BITS too: a 4-bit best config may not fit 3-bit
     prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [c for c in configs if _fits_group(c, named_args, kw)]},
     reset_to_zero=["out_ptr"],
 )(_wq_gemv)
