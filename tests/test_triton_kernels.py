@@ -71,3 +71,16 @@ def test_kernel_class_applies_bias_and_batch_dims():
     y = wq_matmul(x.reshape(-1, 64).to(DEVICE), state["qweight"], state["scales"], state["zeros"], 4, 32, GEMM_4BIT).reshape(2, 3, 32) + bias.to(DEVICE)
     ref = x @ w.t() + bias
     assert ((y.cpu() - ref).norm() / ref.norm()) < 3e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner times real kernels: GPU only")
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_autotuned_path_every_bits_on_one_shape(m):
+    # One shape for every bit width in a row: a config tuned for one width must never serve another.
+    for bits in (4, 3, 2, 8):
+        spec, packed, w = case(bits, 128, True, "gptq", 512, 1024, seed=bits)
+        qweight, zeros = gptq_form(spec, packed.qweight, packed.qzeros, packed.scales)
+        x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+        got = wq_matmul(x, qweight.cuda(), packed.scales.cuda(), zeros.cuda(), bits, 128)
+        ref = x.float() @ w.cuda().t()
+        assert ((got.float() - ref).norm() / ref.norm()) < 1e-2, bits
