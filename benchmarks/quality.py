@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from quantize.calib import calibration_ids
-from quantize.checkpoint import PACKING_FORMATS, packing_format_for
+from quantize.checkpoint import layout_for
 from quantize.eval import load_eval_ids, perplexity
 from quantize.layer_config import plan_layers
 from quantize.model import compute_dtype, find_blocks, load_model
@@ -71,7 +71,7 @@ def main() -> None:
             cfg = get_preset(preset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8, iters=args.iters)
             model = copy.deepcopy(base)
             blocks = find_blocks(model)
-            plan = plan_layers(model, blocks.prefix, scheme, layout_for=lambda s: PACKING_FORMATS[packing_format_for([s])])
+            plan = plan_layers(model, blocks.prefix, scheme, layout_for=layout_for)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.time()

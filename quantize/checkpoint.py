@@ -36,6 +36,11 @@ def packing_format_for(schemes: list[Scheme]) -> str:
     return "auto_round"
 
 
+def layout_for(scheme: Scheme) -> str:
+    """The tensor layout a layer of this scheme gets when it sets the checkpoint's packing format."""
+    return PACKING_FORMATS[packing_format_for([scheme])]
+
+
 def _check_scheme_fields(d: dict, where: str) -> None:
     if "bits" in d and d["bits"] not in SUPPORTED_BITS and not (isinstance(d["bits"], int) and d["bits"] >= 16):
         raise ConfigError(f"{where}: bits={d['bits']} is not supported (supported: {SUPPORTED_BITS}, or 16 to keep a layer)")

@@ -161,8 +161,7 @@ def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | No
 
 def run_quantize(args: argparse.Namespace) -> int:
     from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids
-    from quantize.checkpoint import packing_format_for
-    from quantize.checkpoint import PACKING_FORMATS
+    from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
     from quantize.export.auto_round import save_auto_round
     from quantize.layer_config import plan_layers
@@ -205,7 +204,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_spec)
     check_finite(model)
     blocks = find_blocks(model)
-    layout_for = lambda s: PACKING_FORMATS[packing_format_for([s])]  # noqa: E731
     plan = plan_layers(model, blocks.prefix, scheme, _layer_config(args.layer_config),
                        [p for p in args.ignore.split(",") if p], args.quant_lm_head, layout_for)
     for layer, why in plan.keep.items():

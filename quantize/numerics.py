@@ -84,6 +84,14 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return scale * (q - zero)
 
 
+def _quantize_groups(w, bits, group_size, sym, v, min_scale, max_scale):
+    """Codes ``[N, G, g]`` (float), scales and zeros ``[N, G, 1]``: the one path both forms below take."""
+    wg = to_groups(w.float(), group_size)
+    scale, zero = compute_qparams(wg, bits, sym, min_scale, max_scale)
+    v = v.reshape(wg.shape) if isinstance(v, torch.Tensor) else v
+    return quantize_codes(wg, scale, zero, bits, v), scale, zero
+
+
 def fake_quantize(
     w: torch.Tensor,
     bits: int,
@@ -94,10 +102,8 @@ def fake_quantize(
     max_scale: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
     """Quantize-dequantize ``w`` ``[N, K]`` in float32, differentiable in ``v`` and the range factors."""
-    wg = to_groups(w.float(), group_size)
-    scale, zero = compute_qparams(wg, bits, sym, min_scale, max_scale)
-    v = v.reshape(wg.shape) if isinstance(v, torch.Tensor) else v
-    return dequantize_groups(quantize_codes(wg, scale, zero, bits, v), scale, zero).reshape(w.shape)
+    q, scale, zero = _quantize_groups(w, bits, group_size, sym, v, min_scale, max_scale)
+    return dequantize_groups(q, scale, zero).reshape(w.shape)
 
 
 def quantize_weight(
@@ -112,10 +118,7 @@ def quantize_weight(
     """Final integer form of ``w`` ``[N, K]``: codes ``[N, K]`` (uint8), scales ``[N, G]`` (float16),
     zero points ``[N, G]`` (uint8). ``dequantize(*quantize_weight(...))`` equals ``fake_quantize(...)``."""
     with torch.no_grad():
-        wg = to_groups(w.float(), group_size)
-        scale, zero = compute_qparams(wg, bits, sym, min_scale, max_scale)
-        v = v.reshape(wg.shape) if isinstance(v, torch.Tensor) else v
-        q = quantize_codes(wg, scale, zero, bits, v)
+        q, scale, zero = _quantize_groups(w, bits, group_size, sym, v, min_scale, max_scale)
         return (
             q.reshape(w.shape).to(torch.uint8),
             scale.squeeze(-1).to(SCALE_DTYPE),

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import CALIB, build_tiny_llama
 
@@ -52,7 +51,7 @@ def odd_models(tmp_path_factory):
     tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, f, metadata={"format": "pt"})
     build_tiny_llama(root / "odd48", hidden=48, intermediate=80)
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
     T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64)).save_pretrained(root / "t5")
     (root / "empty.txt").write_text("\n\n")
     (root / "short.txt").write_text("Only a few words of text.")

@@ -1,7 +1,6 @@
 """Schemes, presets, layer plans and the checkpoint's quantization_config."""
 
 import pytest
-import torch
 
 from quantize.checkpoint import CheckpointConfig, ConfigError, packing_format_for
 from quantize.layer_config import plan_layers

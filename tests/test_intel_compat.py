@@ -55,7 +55,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import quantize  # noqa: E402,F401  (registers our transformers loader)
 from quantize.calib import bundled_path, calibration_ids  # noqa: E402
-from quantize.checkpoint import PACKING_FORMATS, packing_format_for  # noqa: E402
+from quantize.checkpoint import PACKING_FORMATS, layout_for  # noqa: E402
 from quantize.export.auto_round import packed_state_dict, save_auto_round  # noqa: E402
 from quantize.integrations.transformers.modules import QuantLinear  # noqa: E402
 from quantize.layer_config import plan_layers  # noqa: E402
@@ -233,7 +233,7 @@ def quantize_ours(tiny: Path, fmt: str, iters: int):
     f = FORMATS[fmt]
     model, tok = load_model(str(tiny), dtype=torch.float32)
     blocks = find_blocks(model)
-    plan = plan_layers(model, blocks.prefix, f.scheme, f.layer_config, layout_for=lambda s: PACKING_FORMATS[packing_format_for([s])])
+    plan = plan_layers(model, blocks.prefix, f.scheme, f.layer_config, layout_for=layout_for)
     ids = calibration_ids("bundled", tok, nsamples=4, seqlen=32, seed=0)
     tune = TuneConfig(iters=iters, nsamples=4, seqlen=32, batch_size=2)
     return model, tok, quantize_model(model, blocks, plan, ids, tune, torch.device("cpu"), progress=False)

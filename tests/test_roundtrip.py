@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import quantize  # noqa: F401  (registers the transformers integration)
 from quantize.calib import calibration_ids
-from quantize.checkpoint import PACKING_FORMATS, packing_format_for
+from quantize.checkpoint import layout_for
 from quantize.export.atomic import atomic_dir
 from quantize.export.auto_round import save_auto_round
 from quantize.integrations.transformers.modules import QuantLinear
@@ -27,7 +27,7 @@ PROMPT = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263, 2217, 310, 278]]
 def quantize_and_save(path, out, scheme, layer_config=None, iters=2):
     model, tok = load_model(str(path))
     blocks = find_blocks(model)
-    plan = plan_layers(model, blocks.prefix, scheme, layer_config, layout_for=lambda s: PACKING_FORMATS[packing_format_for([s])])
+    plan = plan_layers(model, blocks.prefix, scheme, layer_config, layout_for=layout_for)
     ids = calibration_ids(str(CALIB), tok, nsamples=4, seqlen=64, seed=0)
     result = quantize_model(model, blocks, plan, ids, TuneConfig(iters=iters, nsamples=4, seqlen=64, batch_size=2), torch.device("cpu"), progress=False)
     save_auto_round(model, tok, result, scheme, out)
