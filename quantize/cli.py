@@ -151,7 +151,7 @@ def _layer_config(text: str | None) -> dict:
     return value
 
 
-def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | None, device, progress: bool) -> float:
+def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | None, progress: bool) -> float:
     from quantize.calib import bundled_path
     from quantize.eval import load_eval_ids, perplexity
 
@@ -175,8 +175,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.format != "auto_round":
         raise UserError(f"unknown --format {args.format!r}: this version writes auto_round (other formats: see README)")
     scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=args.bits, group_size=args.group_size, sym=False if args.asym else None)
+    preset = args.preset or defaults.get("preset", "auto-round")
     cfg = get_preset(
-        args.preset or defaults.get("preset", "auto-round"),
+        preset,
         iters=args.iters if args.iters is not None else defaults.get("iters"),
         lr=args.lr, minmax_lr=args.minmax_lr,
         nsamples=args.nsamples or defaults.get("nsamples"),
@@ -197,7 +198,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     print(f"model      {model_spec}")
     print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
-    print(f"tuning     preset {args.preset or defaults.get('preset', 'auto-round')}: {cfg.describe()}")
+    print(f"tuning     preset {preset}: {cfg.describe()}")
     print(f"calib      {dataset}" + ("  (hub not reachable: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
     print(f"device     {device}")
     start = time.time()
@@ -214,7 +215,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     ppl_before, orig_dtype = None, model.dtype
     if evaluate:
         model.to(device, compute_dtype(device, model.dtype))
-        ppl_before = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, device, progress)
+        ppl_before = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, progress)
         print(f"perplexity before: {ppl_before:.3f} ({eval_windows or 'all'} windows of {EVAL_SEQLEN} tokens)")
         model.to("cpu", orig_dtype)
 
@@ -225,7 +226,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     ppl_after = None
     if evaluate:
         model.to(device, compute_dtype(device, model.dtype))
-        ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, device, progress)
+        ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, progress)
     _summary(model, result, ckpt, time.time() - start, ppl_before, ppl_after)
     return 0
 
@@ -265,7 +266,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if "ppl" in tasks:
         name = Path(args.ppl_file).name if args.ppl_file else "bundled eval text"
         rows[f"perplexity ({name}, seq {args.seqlen})"] = {
-            "ppl": _eval_ppl(model, tokenizer, args.ppl_file, args.seqlen, args.max_windows, device, not args.quiet)
+            "ppl": _eval_ppl(model, tokenizer, args.ppl_file, args.seqlen, args.max_windows, not args.quiet)
         }
     zero_shot = [t for t in tasks if t != "ppl"]
     if zero_shot:

@@ -26,10 +26,6 @@ class Blocks:
         return f"{self.prefix}.{i}"
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
     # CPUs without bf16 matrix units run bf16 matmuls ~50x slower than float32: compute in float32 there.
     return model_dtype if device.type == "cuda" else torch.float32
@@ -47,12 +43,12 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
         if ggufs:
             return str(path), ggufs[0].name
         raise UserError(f"{path} has neither a config.json nor a .gguf file: point at a Hugging Face model folder")
-    if spec.startswith((".", "/", "~")) or path.suffix or spec.count("/") != 1:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec!r} does not exist: check the path, or pass a hub id like 'org/name'")
     return spec, None
 
 
-def load_model(spec: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
+def load_model(spec: str, dtype: torch.dtype | None = None):
     """Load a causal LM and its tokenizer from a folder, a .gguf file or a hub id. Stays on the CPU;
     the weights keep the checkpoint's dtype unless ``dtype`` is given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from quantize.model import block_output
+from quantize.model import UserError, block_output
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
@@ -139,5 +139,7 @@ def _signed_descent(params, qdq_weights, block_loss, nsamples, cfg: TuneConfig, 
             for p in params.values():
                 p.min_scale.clamp_(0.0, 1.0)
                 p.max_scale.clamp_(0.0, 1.0)
+    if best is None:
+        raise UserError("the tuning loss was NaN at every step: try --amp off (float32) or a lower --lr")
     for name, p in params.items():
         p.load_state_dict(best[name])
