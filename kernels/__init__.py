@@ -1,8 +1,16 @@
 """Compute for quantized linear layers (installed as ``quantize.kernels``): a dispatch table of
 implementations, each taking packed checkpoint tensors and computing ``x @ W.T + b``."""
 
-from quantize.kernels.dispatch import KERNELS, LinearSpec, register_kernel, select_kernel
-from quantize.kernels import torch_ref  # noqa: F401  (registers the portable path)
+from quantize.kernels import (
+    torch_ref,  # noqa: F401  (registers the portable path)
+    vllm_cpu,  # noqa: F401  (vLLM's CPU kernel, when vLLM is loaded)
+)
+from quantize.kernels.dispatch import (
+    KERNELS,
+    LinearSpec,
+    register_kernel,
+    select_kernel,
+)
 
 try:  # Triton kernels where Triton is installed (CUDA; its interpreter runs them on the CPU for tests)
     from quantize.kernels import triton_gemm  # noqa: F401
