@@ -1,22 +1,25 @@
 """Weight-only int GEMM kernels against bf16 torch.nn.functional.linear, on a CUDA GPU.
 
-  python benchmarks/kernels.py --json out.json
+  python benchmarks/kernels.py --json out.json            # the table (picked configs)
+  python benchmarks/kernels.py --sweep --json sweep.json  # time candidate configs per (N, K, M), W4 g128
 
-Times are medians of triton.testing.do_bench (CUDA events, warm caches rotated by using several
-weight sets is not needed at these sizes: every weight is larger than L2 for K, N >= 4096).
+Times are medians of triton.testing.do_bench (CUDA events; do_bench clears L2 before every run, and
+every weight set here is larger than L2 anyway for the bf16 side).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 import triton
-
 from quantize.kernels.dispatch import LinearSpec
-from quantize.kernels.triton_gemm import GEMV_MAX_M, _wq_gemm_tuned, _wq_gemv_tuned, gptq_form, wq_matmul
+from quantize.kernels.triton_gemm import kernel_form, pick_config, wq_matmul
+
 from quantize.numerics import dequantize, quantize_weight
 from quantize.packing import pack
 
@@ -28,27 +31,123 @@ def make(bits: int, group: int, n: int, k: int, device):
     w = torch.randn(n, k, device=device) * 0.02
     q, s, z = quantize_weight(w, bits, group, sym=True)
     p = pack("gptq", q.cpu(), s.cpu(), z.cpu(), bits)
-    qweight, zeros = gptq_form(LinearSpec(bits, group, True, "gptq", k, n), p.qweight, p.qzeros, p.scales)
+    qweight, zeros = kernel_form(LinearSpec(bits, group, True, "gptq", k, n), p.qweight, p.qzeros, p.scales)
     w_ref = dequantize(q, s, z, torch.bfloat16)
     return qweight.to(device), p.scales.to(device), zeros.to(device), w_ref
 
 
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1000  # us
+def bench(fn, warmup=25, rep=100) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1000  # us
+
+
+def candidates(m: int) -> list[dict]:
+    c = []
+    if m <= 4:
+        c += [{"BLOCK_N": bn, "SPLIT_K": s, "num_warps": w, "num_stages": 2}
+              for bn in (64, 128, 256) for s in (1, 2, 4, 8, 16) for w in (4, 8) if w == 4 or bn == 256]
+    if 1 <= m <= 64:
+        bms = (16,) if m <= 16 else (16, 64)
+        c += [{"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": s, "SWAP": sw, "num_warps": 4, "num_stages": st}
+              for bm in bms for bn in (64, 128) for s in (1, 2, 4, 8, 16) for sw in (True, False) for st in (2, 3)
+              if not (st == 3 and (s in (1, 16) or bn == 64 or bm == 64)) and not (m == 1 and s < 4)]
+    if m >= 128:
+        c += [{"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": s, "SWAP": False, "num_warps": w, "num_stages": st}
+              for bm in (64, 128) for bn in (128, 256) for s in (1, 2, 4) for w in (4, 8) for st in (2, 3)
+              if not (bm == 64 and w == 8) and not (s == 4 and m > 256) and not (bn == 256 and w == 4)]
+        c += [{"DEQUANT": True, "BLOCK_N": 128, "num_warps": 4}]
+    return c
+
+
+def _compile_worker(jobs):
+    torch.manual_seed(0)
+    qweight, scales, zeros, _ = make(4, 128, 4096, 4096, "cuda")
+    for m, cfg in jobs:
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        try:
+            wq_matmul(x, qweight, scales, zeros, 4, 128, cfg)
+        except Exception as e:  # noqa: BLE001
+            print("compile failed", cfg, str(e)[:300], flush=True)
+    torch.cuda.synchronize()
+    return len(jobs)
+
+
+def _kernel_key(cfg: dict) -> str:
+    # split counts share a compiled kernel
+    return json.dumps({k: v for k, v in cfg.items() if k != "SPLIT_K"}, sort_keys=True)
+
+
+def precompile(workers: int) -> None:
+    """Fill Triton's on-disk cache from several processes (compiling is most of a sweep's time)."""
+    import multiprocessing as mp
+
+    first = {}
+    for m in MS:
+        for cfg in candidates(m):
+            first.setdefault(_kernel_key(cfg), (m, cfg))
+    jobs = list(first.values())
+    t = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_compile_worker, [jobs[i::workers] for i in range(workers)])
+    print(f"precompiled {len(jobs)} kernels in {time.time() - t:.0f} s", flush=True)
+
+
+def sweep(args, dev) -> None:
+    if args.workers > 1:
+        try:
+            precompile(args.workers)
+        except Exception as e:  # noqa: BLE001
+            print("precompile failed:", e)
+    t0 = time.time()
+    rows = []
+    for n, k in SHAPES:
+        qweight, scales, zeros, w_ref = make(4, 128, n, k, dev)
+        for m in MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            t_bf16 = bench(lambda: F.linear(x, w_ref), 10, 40)
+            results = []
+            for cfg in candidates(m):
+                if time.time() - t0 > args.budget:
+                    break
+                try:
+                    t = bench(lambda: wq_matmul(x, qweight, scales, zeros, 4, 128, cfg), 5, 25)
+                except Exception as e:  # noqa: BLE001
+                    print("failed", cfg, str(e)[:200])
+                    continue
+                results.append((t, cfg))
+            results.sort(key=lambda r: r[0])
+            picked = pick_config(m, n, k, 4)
+            t_pick = bench(lambda: wq_matmul(x, qweight, scales, zeros, 4, 128, None), 5, 25)
+            rows.append(dict(N=n, K=k, M=m, bf16_us=t_bf16, picked_us=t_pick, picked=picked,
+                             top=[(round(t, 2), c) for t, c in results[:8]]))
+            best = results[0] if results else (float("nan"), None)
+            print(f"SWEEP {n}x{k} M={m}: bf16 {t_bf16:.1f} picked {t_pick:.1f} best {best[0]:.1f} {best[1]}", flush=True)
+            for t, c in results[1:4]:
+                print(f"      {t:.1f} {c}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget", type=float, default=200.0, help="sweep: seconds of timing at most")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--bits", default="4,2,3,8")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    rows = []
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    if args.sweep:
+        sweep(args, dev)
+        return
+    rows = []
     print(f"{'bits':>4} {'M':>5} {'N x K':>12} {'bf16 us':>9} {'quant us':>9} {'speedup':>8} {'rel err':>8}")
-    plan = [(4, m, n, k) for (n, k) in SHAPES for m in MS]
-    plan += [(b, m, n, k) for b in (2, 3, 8) for (n, k) in SHAPES[:2] for m in (1, 16, 64)]
+    bits_list = [int(b) for b in args.bits.split(",")]
+    plan = [(4, m, n, k) for (n, k) in SHAPES for m in MS] if 4 in bits_list else []
+    plan += [(b, m, n, k) for b in bits_list if b != 4 for (n, k) in SHAPES for m in (1, 16, 64, 256)]
     cache = {}
     for bits, m, n, k in plan:
         if (bits, n, k) not in cache:
@@ -60,9 +159,9 @@ def main() -> None:
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         t_bf16 = bench(lambda: F.linear(x, w_ref))
         t_q = bench(lambda: wq_matmul(x, qweight, scales, zeros, bits, args.group))
-        best = (_wq_gemv_tuned if m <= GEMV_MAX_M else _wq_gemm_tuned).best_config
-        rows.append(dict(bits=bits, M=m, N=n, K=k, bf16_us=t_bf16, quant_us=t_q, speedup=t_bf16 / t_q, rel_err=err, config=str(best)))
-        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}  {best}", flush=True)
+        cfg = pick_config(m, n, k, bits)
+        rows.append(dict(bits=bits, M=m, N=n, K=k, bf16_us=t_bf16, quant_us=t_q, speedup=t_bf16 / t_q, rel_err=err, config=cfg))
+        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}  {cfg}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "group_size": args.group, "rows": rows}, f, indent=2)
