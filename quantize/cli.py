@@ -1,4 +1,5 @@
-"""Command line: ``python -m quantize [MODEL] ...`` quantizes; ``python -m quantize eval MODEL`` evaluates."""
+"""Command line: ``python -m quantize [MODEL] ...`` quantizes; ``python -m quantize eval MODEL`` evaluates;
+``python -m quantize convert CKPT --to FORMAT`` rewrites a checkpoint in another format."""
 
 from __future__ import annotations
 
@@ -20,11 +21,20 @@ QUANT_EXAMPLES = """examples:
   python -m quantize ./model --bits 2 --group_size 64 --preset auto-round-best --dataset calib.jsonl
   python -m quantize ./model --scheme W3A16 --asym --iters 0          # RTN, no tuning
   python -m quantize ./model --layer_config '{"mlp.down_proj": {"bits": 8}, "layers.0.": {"bits": 16}}'
+  python -m quantize ./model --scheme W4A16G32 --asym --format auto_round,auto_gptq,gguf:q4_k_m
 
 then serve or load the checkpoint:
   vllm serve ./llama-w4 --quantization auto-round
   python -c "import quantize, transformers; transformers.AutoModelForCausalLM.from_pretrained('./llama-w4')"
   python -m quantize eval ./llama-w4 --tasks ppl,piqa
+"""
+
+CONVERT_EXAMPLES = """examples:
+  python -m quantize convert ./llama-w4 --to auto_gptq                 # -> ./llama-w4-auto_gptq
+  python -m quantize convert ./llama-w4 --to auto_awq,llm_compressor --output ./exports
+  python -m quantize convert ./llama-w4g32-asym --to gguf:q4_k_m        # llama.cpp
+
+Formats: see the README's table (what each holds, which engines load it).
 """
 
 EVAL_EXAMPLES = """examples:
@@ -95,7 +105,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA, off on the CPU)")
     t.add_argument("--dataset", default=None, help="calibration: a .txt/.jsonl file, 'bundled', or a hub dataset id (default: NeelNanda/pile-10k when the hub is reachable, else bundled)")
     o = p.add_argument_group("output")
-    o.add_argument("--format", default="auto_round", help="checkpoint format (auto_round)")
+    o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
     o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     o.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None, help="perplexity before and after (default on for the built-in model)")
@@ -123,6 +133,29 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype (default: bf16 on CUDA, float32 on the CPU)")
     _add_common(p)
     return p
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quantize convert",
+        description="Rewrite an auto_round checkpoint (this tool's or Intel AutoRound's) in other formats, "
+        "without re-tuning: the same integer weights, or a clear refusal naming the layer a format cannot hold.",
+        epilog=CONVERT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="auto_round checkpoint folder")
+    p.add_argument("--to", "--format", dest="to", required=True, help="comma-separated formats, e.g. auto_gptq or auto_awq,gguf:q4_k_m")
+    p.add_argument("--output", "--output_dir", "--output-dir", dest="output", default=None, help="where to write (default: CHECKPOINT-FORMAT beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from quantize.convert import convert
+
+    for folder in convert(args.checkpoint, args.to, args.output, args.overwrite):
+        print(f"wrote {folder}")
+    return 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -163,7 +196,9 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
-    from quantize.export.auto_round import save_auto_round
+    from quantize.export.auto_round import tuning_notes
+    from quantize.export.registry import export, parse_formats
+    from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
     from quantize.model import check_finite, compute_dtype, find_blocks, load_model
     from quantize.presets import get_preset
@@ -172,8 +207,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     builtin = args.model is None
     defaults = BUILTIN if builtin else {}
-    if args.format != "auto_round":
-        raise UserError(f"unknown --format {args.format!r}: this version writes auto_round (other formats: see README)")
+    formats = parse_formats(args.format)
     scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=args.bits, group_size=args.group_size, sym=False if args.asym else None)
     preset = args.preset or defaults.get("preset", "auto-round")
     cfg = get_preset(
@@ -221,23 +255,23 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     result = quantize_model(model, blocks, plan, calib, cfg, device, progress)
-    ckpt = save_auto_round(model, tokenizer, result, scheme, output_dir, args.overwrite)
+    source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
+    folders = export(source, formats, output_dir, args.overwrite)
 
     ppl_after = None
     if evaluate:
         model.to(device, compute_dtype(device, model.dtype))
         ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, progress)
-    _summary(model, result, ckpt, time.time() - start, ppl_before, ppl_after)
+    _summary(model, result, folders, time.time() - start, ppl_before, ppl_after)
     return 0
 
 
-def _summary(model, result, ckpt: Path, seconds: float, ppl_before, ppl_after) -> None:
+def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl_after) -> None:
     seen, before = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             before += p.numel() * 2  # 16-bit original
-    after = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     reasons: dict[str, list[str]] = {}
     for layer, why in result.plan.keep.items():
         reasons.setdefault(why, []).append(layer)
@@ -246,11 +280,13 @@ def _summary(model, result, ckpt: Path, seconds: float, ppl_before, ppl_after) -
     for why, layers in reasons.items():
         shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
         print(f"  16-bit      {len(layers)}: {shown} ({why})")
-    print(f"  size        {before / 2**20:.1f} MiB (16-bit) -> {after / 2**20:.1f} MiB")
+    sizes = [sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".safetensors", ".gguf")) for d in folders]
+    print(f"  size        {before / 2**20:.1f} MiB (16-bit) -> " + ", ".join(f"{s / 2**20:.1f} MiB" for s in sizes))
     if ppl_before is not None and ppl_after is not None:
         print(f"  perplexity  {ppl_before:.3f} -> {ppl_after:.3f} ({(ppl_after / ppl_before - 1) * 100:+.2f}%)")
     print(f"  time        {seconds:.1f} s")
-    print(f"  checkpoint  {ckpt}")
+    for folder in folders:
+        print(f"  checkpoint  {folder}")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -280,12 +316,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    is_eval = bool(argv) and argv[0] == "eval"
-    parser = eval_parser() if is_eval else quantize_parser()
-    args = parser.parse_args(argv[1:] if is_eval else argv)
-    torch.manual_seed(args.seed)
+    commands = {"eval": (eval_parser, run_eval), "convert": (convert_parser, run_convert)}
+    command = argv[0] if argv and argv[0] in commands else None
+    make_parser, run = commands.get(command, (quantize_parser, run_quantize))
+    args = make_parser().parse_args(argv[1:] if command else argv)
+    torch.manual_seed(getattr(args, "seed", 42))
     try:
-        return run_eval(args) if is_eval else run_quantize(args)
+        return run(args)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from quantize import __version__
 from quantize.checkpoint import CheckpointConfig, packing_format_for
-from quantize.export.atomic import atomic_dir
-from quantize.model import UserError
+from quantize.export.hf_folder import write_hf_folder, write_json
+from quantize.export.registry import ExportError, FormatSpec, export, exporter
+from quantize.export.source import ExportSource
 from quantize.packing import layout_fits, pack
 from quantize.quantizer import QuantizationResult
 from quantize.scheme import Scheme
 
 
-def checkpoint_config(result: QuantizationResult, scheme: Scheme) -> CheckpointConfig:
-    schemes = [w.scheme for w in result.weights.values()]
-    extra: dict[str, dict] = {}
-    in_block = result.blocks.prefix + "."
-    for name, w in result.weights.items():
-        diff = {k: v for k, v in w.scheme.to_dict().items() if v != getattr(scheme, k) or not name.startswith(in_block)}
-        if diff:
-            extra[name] = diff
-    for name in result.plan.keep:
-        if name.startswith(in_block):
-            extra[name] = {"bits": 16}
+def tuning_notes(result: QuantizationResult) -> dict:
+    """The tuning settings AutoRound records in its quantization_config."""
     cfg = result.tune
-    meta = {
+    return {
         "iters": cfg.iters,
         "lr": cfg.learning_rate,
         "minmax_lr": cfg.minmax_learning_rate,
@@ -36,47 +27,61 @@ def checkpoint_config(result: QuantizationResult, scheme: Scheme) -> CheckpointC
         "enable_quanted_input": cfg.quantized_inputs,
         "quantizer": f"quantize-llm {__version__}",
     }
+
+
+def checkpoint_config(source: ExportSource) -> CheckpointConfig:
+    extra: dict[str, dict] = {}
+    for name, w in source.layers.items():
+        diff = {k: v for k, v in w.scheme.to_dict().items() if v != getattr(source.scheme, k) or not source.in_block(name)}
+        if diff:
+            extra[name] = diff
+    for name in source.kept_in_blocks:
+        extra[name] = {"bits": 16}
+    s = source.scheme
     return CheckpointConfig(
-        bits=scheme.bits,
-        group_size=scheme.group_size,
-        sym=scheme.sym,
-        data_type=scheme.data_type,
-        packing_format=packing_format_for(schemes),
-        block_name_to_quantize=[result.blocks.prefix],
+        bits=s.bits,
+        group_size=s.group_size,
+        sym=s.sym,
+        data_type=s.data_type,
+        packing_format=packing_format_for([w.scheme for w in source.layers.values()]),
+        block_name_to_quantize=list(source.block_prefixes),
         extra_config=extra,
-        metadata=meta,
+        metadata=dict(source.metadata),
     )
 
 
-def packed_state_dict(model, result: QuantizationResult, layout: str) -> dict:
-    state = dict(model.state_dict())
-    for name, w in result.weights.items():
-        module = model.get_submodule(name)
-        why = layout_fits(layout, w.scheme.bits, module.in_features, module.out_features)
+def packed_tensors(source: ExportSource, layout: str) -> dict:
+    """The unquantized tensors plus ``qweight``/``qzeros``/``scales`` of every quantized layer."""
+    state = dict(source.tensors)
+    for name, w in source.layers.items():
+        n, k = source.linear_shapes[name]
+        why = layout_fits(layout, w.scheme.bits, k, n)
         if why:
-            raise UserError(f"layer {name} cannot be stored in the {layout} layout: {why}")
+            raise ExportError(f"layer {name} cannot be stored in the {layout} layout: {why}")
         packed = pack(layout, w.q, w.scales, w.zeros, w.scheme.bits)
-        del state[f"{name}.weight"]
         state[f"{name}.qweight"] = packed.qweight
         state[f"{name}.qzeros"] = packed.qzeros
         state[f"{name}.scales"] = packed.scales
     return state
 
 
+@exporter("auto_round", summary="AutoRound's own format (packing chosen as AutoRound does)")
+def write_auto_round(source: ExportSource, folder: Path, option: str | None = None) -> None:
+    config = checkpoint_config(source)
+    qcfg = config.to_dict()
+    write_hf_folder(source, folder, packed_tensors(source, config.layout), qcfg)
+    write_json(folder / "quantization_config.json", qcfg)
+
+
+def packed_state_dict(model, result: QuantizationResult, layout: str) -> dict:
+    """The tensors a tuning run's auto_round checkpoint holds in ``layout``."""
+    scheme = next(iter(result.weights.values())).scheme  # only the tensors are asked for, not the config
+    return packed_tensors(ExportSource.from_run(model, None, result, scheme), layout)
+
+
 def save_auto_round(
     model, tokenizer, result: QuantizationResult, scheme: Scheme, output_dir: str | Path, overwrite: bool = False
 ) -> Path:
     """Write the checkpoint atomically; returns its folder."""
-    config = checkpoint_config(result, scheme)
-    state = packed_state_dict(model, result, config.layout)
-    qcfg = config.to_dict()
-    with atomic_dir(output_dir, overwrite) as tmp:
-        model.config.quantization_config = qcfg
-        try:
-            model.save_pretrained(tmp, state_dict=state, max_shard_size="4GB")
-        finally:
-            del model.config.quantization_config
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "quantization_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-    return Path(output_dir).expanduser().resolve()
+    source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
+    return export(source, [FormatSpec("auto_round")], output_dir, overwrite)[0]
