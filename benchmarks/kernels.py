@@ -60,13 +60,15 @@ def candidates(m: int) -> list[dict]:
 
 def _compile_worker(jobs):
     torch.manual_seed(0)
-    qweight, scales, zeros, _ = make(4, 128, 4096, 4096, "cuda")
-    for m, cfg in jobs:
+    weights = {}
+    for bits, m, cfg in jobs:
+        if bits not in weights:
+            weights[bits] = make(bits, 128, 4096, 4096, "cuda")[:3]
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         try:
-            wq_matmul(x, qweight, scales, zeros, 4, 128, cfg)
+            wq_matmul(x, *weights[bits], bits, 128, cfg)
         except Exception as e:  # noqa: BLE001
-            print("compile failed", cfg, str(e)[:300], flush=True)
+            print("compile failed", bits, cfg, str(e)[-300:], flush=True)
     torch.cuda.synchronize()
     return len(jobs)
 
@@ -76,15 +78,21 @@ def _kernel_key(cfg: dict) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k != "SPLIT_K"}, sort_keys=True)
 
 
-def precompile(workers: int) -> None:
-    """Fill Triton's on-disk cache from several processes (compiling is most of a sweep's time)."""
+def precompile(workers: int, other_bits=(2, 3, 8)) -> None:
+    """Fill Triton's on-disk cache from several processes (compiling is most of a sweep's time): every
+    W4 candidate, and the picked configs of the other widths (for the table that follows)."""
     import multiprocessing as mp
 
     first = {}
     for m in MS:
         for cfg in candidates(m):
-            first.setdefault(_kernel_key(cfg), (m, cfg))
-    jobs = list(first.values())
+            first.setdefault((4, _kernel_key(cfg)), (4, m, cfg))
+    for bits in other_bits:
+        for m in MS:
+            cfg = pick_config(m, 4096, 4096, bits)
+            first.setdefault((bits, _kernel_key(cfg)), (bits, m, cfg))
+    # slow (3-bit) compiles first, spread over the workers
+    jobs = sorted(first.values(), key=lambda j: j[0] != 3)
     t = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_compile_worker, [jobs[i::workers] for i in range(workers)])
@@ -97,16 +105,17 @@ def sweep(args, dev) -> None:
             precompile(args.workers)
         except Exception as e:  # noqa: BLE001
             print("precompile failed:", e)
-    t0 = time.time()
     rows = []
+    per_case = args.budget / (len(SHAPES) * len(MS))
     for n, k in SHAPES:
         qweight, scales, zeros, w_ref = make(4, 128, n, k, dev)
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             t_bf16 = bench(lambda: F.linear(x, w_ref), 10, 40)
             results = []
+            t0 = time.time()
             for cfg in candidates(m):
-                if time.time() - t0 > args.budget:
+                if time.time() - t0 > per_case:
                     break
                 try:
                     t = bench(lambda: wq_matmul(x, qweight, scales, zeros, 4, 128, cfg), 5, 25)

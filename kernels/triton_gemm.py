@@ -34,7 +34,7 @@ from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
 ROWS = {2: 16, 3: 16, 4: 32, 8: 32}  # R: K rows per slice (the tl.dot K depth)
-MAGIC = 0x4B000000  # float32 2^23: bitcast(MAGIC | q) == 2^23 + q for q < 2^23
+MAGIC = tl.constexpr(0x4B000000)  # float32 2^23: bitcast(MAGIC | q) == 2^23 + q for q < 2^23
 
 
 def slices(bits: int) -> int:
