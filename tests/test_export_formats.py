@@ -242,7 +242,7 @@ def test_several_formats_and_bad_names(ckpts, tmp_path):
     assert [f.name for f in folders] == ["auto_round", "auto_gptq", "gguf-q4_k_m"]
     again = load_auto_round(folders[0])
     assert all(torch.equal(again.layers[n].q, w.q) for n, w in load_auto_round(ckpts["sym"]).layers.items())
-    for bad, match in [("auto_gptqq", "unknown format"), ("gguf", "needs one of its types"), ("gguf:q9_k", "needs one of"),
+    for bad, match in [("auto_gptqq", "unknown --format"), ("gguf", "needs one of its types"), ("gguf:q9_k", "needs one of"),
                        ("fake:x", "takes no")]:
         with pytest.raises(UserError, match=match):
             convert(ckpts["sym"], bad, tmp_path / "bad")

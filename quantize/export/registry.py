@@ -63,7 +63,7 @@ def parse_formats(text: str) -> list[FormatSpec]:
         name, _, option = part.partition(":")
         name, option = name.strip().lower().replace("-", "_"), option.strip().lower() or None
         if name not in EXPORTERS:
-            raise UserError(f"unknown format {name!r}: choose from {_known()}")
+            raise UserError(f"unknown --format {name!r}: choose from {_known()}")
         allowed = EXPORTERS[name].options
         if allowed and option not in allowed:
             raise UserError(f"format {name} needs one of its types, e.g. {name}:{allowed[0]}; choose from {', '.join(allowed)}")
