@@ -59,7 +59,7 @@ pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"reference model not
 # (id, scheme, layer_config, packing_format the checkpoint gets)
 MATRIX = [
     ("W4-g128-sym", Scheme(4, 128, True), None, "auto_round:auto_gptq"),
-    ("W4-g64-asym", Scheme(4, 64, False), None, "auto_round:auto_awq"),
+    ("W4-g32-asym", Scheme(4, 32, False), None, "auto_round:auto_awq"),
     ("W3-g128-asym", Scheme(3, 128, False), None, "auto_round"),
     ("W2-g32-sym-mixed", Scheme(2, 32, True), {r"mlp\.down_proj": {"bits": 8}, r"layers\.1\.self_attn": {"bits": 4}, "layers.7.mlp.gate_proj": {"bits": 16}, "layers.7.mlp.up_proj": {"bits": 16}}, "auto_round:auto_gptq"),
     ("W8-perchannel-sym", Scheme(8, -1, True), None, "auto_round:auto_gptq"),
