@@ -78,6 +78,37 @@ def _kernel_key(cfg: dict) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k != "SPLIT_K"}, sort_keys=True)
 
 
+def precompile_plan(workers: int, plan) -> None:
+    """Compile the picked configs of a table's rows in parallel processes first."""
+    import multiprocessing as mp
+
+    first = {}
+    for bits, m, n, k in plan:
+        cfg = pick_config(m, n, k, bits)
+        first.setdefault((bits, _kernel_key(cfg)), (bits, m, cfg))
+    jobs = sorted(first.values(), key=lambda j: j[0] != 3)
+    t = time.time()
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        pool.map(_compile_worker, [jobs[i::workers] for i in range(workers) if jobs[i::workers]])
+    print(f"precompiled {len(jobs)} kernels in {time.time() - t:.0f} s", flush=True)
+
+
+def graph_time(fns) -> float:
+    """Microseconds per call of ``fns`` (one call each, over different weight copies so that L2 holds
+    none of them) replayed from one CUDA graph: no Python or launch overhead."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return bench(g.replay) / len(fns)
+
+
 def precompile(workers: int, other_bits=(2, 3, 8)) -> None:
     """Fill Triton's on-disk cache from several processes (compiling is most of a sweep's time): every
     W4 candidate, and the picked configs of the other widths (for the table that follows)."""
@@ -145,6 +176,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=200.0, help="sweep: seconds of timing at most")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--bits", default="4,2,3,8")
+    ap.add_argument("--other-ms", default="1,16,64,256")
+    ap.add_argument("--other-shapes", type=int, default=4)
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays over 8 weight copies")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -156,7 +190,10 @@ def main() -> None:
     print(f"{'bits':>4} {'M':>5} {'N x K':>12} {'bf16 us':>9} {'quant us':>9} {'speedup':>8} {'rel err':>8}")
     bits_list = [int(b) for b in args.bits.split(",")]
     plan = [(4, m, n, k) for (n, k) in SHAPES for m in MS] if 4 in bits_list else []
-    plan += [(b, m, n, k) for b in bits_list if b != 4 for (n, k) in SHAPES for m in (1, 16, 64, 256)]
+    other_ms = [int(v) for v in args.other_ms.split(",")]
+    plan += [(b, m, n, k) for b in bits_list if b != 4 for (n, k) in SHAPES[: args.other_shapes] for m in other_ms]
+    if args.workers > 1:
+        precompile_plan(args.workers, plan)
     cache = {}
     for bits, m, n, k in plan:
         if (bits, n, k) not in cache:
@@ -169,8 +206,17 @@ def main() -> None:
         t_bf16 = bench(lambda: F.linear(x, w_ref))
         t_q = bench(lambda: wq_matmul(x, qweight, scales, zeros, bits, args.group))
         cfg = pick_config(m, n, k, bits)
-        rows.append(dict(bits=bits, M=m, N=n, K=k, bf16_us=t_bf16, quant_us=t_q, speedup=t_bf16 / t_q, rel_err=err, config=cfg))
-        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}  {cfg}", flush=True)
+        row = {"bits": bits, "M": m, "N": n, "K": k, "bf16_us": t_bf16, "quant_us": t_q, "speedup": t_bf16 / t_q, "rel_err": err, "config": cfg}
+        extra = ""
+        if args.graph and m <= 64:
+            copies = [(qweight.clone(), scales.clone(), zeros.clone(), w_ref.clone()) for _ in range(8)]
+            g_bf16 = graph_time([lambda c=c: F.linear(x, c[3]) for c in copies])
+            g_q = graph_time([lambda c=c: wq_matmul(x, c[0], c[1], c[2], bits, args.group) for c in copies])
+            row.update(graph_bf16_us=g_bf16, graph_quant_us=g_q)
+            extra = f" graph {g_bf16:.1f}/{g_q:.1f} {g_bf16 / g_q:.2f}x"
+            del copies
+        rows.append(row)
+        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}{extra}  {cfg}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "group_size": args.group, "rows": rows}, f, indent=2)

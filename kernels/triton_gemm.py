@@ -262,7 +262,7 @@ def _dequant(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size, stride_qk, stride_qn
 # host side
 
 GEMV_MAX_M = 1  # one row: CUDA cores; from 2 rows the tensor-core kernel (M padded to 16) is as fast
-DEQUANT_MIN_M = 1 << 30  # from this M: dequantize + cuBLAS (set from the benchmark sweep)
+DEQUANT_MIN_M = 128  # from this M: dequantize + cuBLAS (2-4x faster than the fused tiles in the H100 sweep)
 _SMS: dict[int, int] = {}
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 _TICKETS = 1 << 18
@@ -294,23 +294,25 @@ def _split(tiles: int, chunks: int, sms: int, waves: float) -> int:
 
 
 def pick_config(m: int, n: int, k: int, bits: int, sms: int = 132) -> dict:
-    """The kernel and tiles for one call (a fixed table, from the sweep in benchmarks/NOTES.md)."""
+    """The kernel and tiles for one call: a fixed table from the H100 sweep in benchmarks/NOTES.md
+    (deterministic, unlike timing-based autotuning, and nothing to tune inside a graph capture)."""
     chunks = -(-k // chunk_rows(bits))
     if m <= GEMV_MAX_M:
-        bn = 128
-        return {"BLOCK_N": bn, "SPLIT_K": _split(-(-n // bn), chunks, sms, 4), "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_N": 64, "SPLIT_K": min(8, _pow2_floor(chunks)), "num_warps": 4, "num_stages": 2}
     if m >= DEQUANT_MIN_M:
         return {"DEQUANT": True, "BLOCK_N": 128, "num_warps": 4}
-    if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        bn = 128
-        tiles = -(-m // bm) * -(-n // bn)
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": _split(tiles, chunks, sms, 2), "SWAP": True,
+    if m <= 16:
+        split = 8 if k <= 4096 else 16
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": min(split, _pow2_floor(chunks)), "SWAP": False,
                 "num_warps": 4, "num_stages": 2}
-    bm, bn = 128, 128
-    tiles = -(-m // bm) * -(-n // bn)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": _split(tiles, chunks, sms, 1), "SWAP": False,
-            "num_warps": 8, "num_stages": 2}
+    bn = 64 if n * k <= 4096 * 4096 else 128
+    tiles = -(-m // 64) * -(-n // bn)
+    return {"BLOCK_M": 64, "BLOCK_N": bn, "SPLIT_K": _split(tiles, chunks, sms, 1.9), "SWAP": False,
+            "num_warps": 4, "num_stages": 2}
+
+
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(v, 1).bit_length() - 1)
 
 
 def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
