@@ -1,0 +1,224 @@
+"""Decode speed of quantized checkpoints in vLLM on the GPU: bf16, vLLM's built-in auto-round handling
+(``inc``) and this project's plugin, on a Llama-2-7B-shaped model with random weights.
+
+Writes the checkpoints (bf16; W4/W3/W2A16 g128 sym in AutoRound's ``auto_round:auto_gptq`` layout, RTN),
+then serves each in its own process (so every engine starts on an empty GPU) and measures decode
+tokens/s at several batch sizes (128-token prompts, 512 new tokens, ignore_eos) and the time to first
+token of a 2048-token prompt. Also checks greedy text of a real model through the plugin against the
+transformers integration (--reference). Prints a table and writes JSON.
+
+  python benchmarks/vllm_gpu.py --work /tmp/vb --tokenizer .gpu/model --reference .gpu/model --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
+# row name -> (checkpoint, vLLM quantization argument)
+ROWS = {
+    "bf16": ("bf16", None),
+    "W4A16 vLLM built-in (inc)": ("W4A16", "inc"),
+    "W4A16 plugin": ("W4A16", None),
+    "W3A16 plugin": ("W3A16", None),
+    "W2A16 plugin": ("W2A16", None),
+}
+
+
+def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[str]) -> None:
+    """bf16 and RTN-quantized checkpoints of one random 7B-shaped model, written tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from quantize.checkpoint import CheckpointConfig
+    from quantize.numerics import quantize_weight
+    from quantize.packing import pack
+
+    hidden, inter, heads = 4096, 11008, 32
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=8192, max_position_embeddings=4096, torch_dtype="bfloat16",
+                      tie_word_embeddings=False)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
+              "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+              "mlp.down_proj": (hidden, inter)}
+    names = ["bf16"] + schemes
+    dirs = {n: work / n for n in names}
+    for n, d in dirs.items():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        for f in tokenizer.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, d / f.name)
+        c = cfg.to_dict()
+        if n != "bf16":
+            c["quantization_config"] = CheckpointConfig(SCHEMES[n], 128, True, "auto_round:auto_gptq", ["model.layers"]).to_dict()
+        (d / "config.json").write_text(json.dumps(c, indent=2))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=device) * 0.02).to(torch.bfloat16)
+
+    common = {"model.embed_tokens.weight": rand(8192, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+              "lm_head.weight": rand(8192, hidden)}
+    for n in names:
+        save_file({k: v.cpu() for k, v in common.items()}, dirs[n] / "model-common.safetensors")
+    for i in range(layers):
+        shard = {n: {} for n in names}
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            for n in names:
+                shard[n][f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        for leaf, (out_f, in_f) in shapes.items():
+            w = rand(out_f, in_f)
+            key = f"model.layers.{i}.{leaf}"
+            shard["bf16"][f"{key}.weight"] = w.cpu()
+            for n in schemes:
+                q, s, z = quantize_weight(w.float(), SCHEMES[n], 128, True)
+                p = pack("gptq", q, s, z, SCHEMES[n])
+                shard[n].update({f"{key}.qweight": p.qweight.cpu(), f"{key}.qzeros": p.qzeros.cpu(), f"{key}.scales": p.scales.cpu()})
+        for n in names:
+            save_file(shard[n], dirs[n] / f"model-layer{i:03d}.safetensors")
+        print(f"layer {i + 1}/{layers} written", flush=True)
+
+
+def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len: int, new_tokens: int, ttft_len: int) -> dict:
+    """One engine, in this process: decode tokens/s per batch size, TTFT, and the linear methods in use."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(ckpt), quantization=quantization, max_model_len=ttft_len + 64, gpu_memory_utilization=0.5,
+              max_num_seqs=max(batches), seed=0)
+    methods = llm.apply_model(lambda m: sorted({type(mod.quant_method).__name__ for mod in m.modules() if getattr(mod, "quant_method", None) is not None}))[0]
+    kernels = llm.apply_model(lambda m: sorted({getattr(mod, "quant_kernel", type(None)).__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
+    prompt = {"prompt_token_ids": [(7 * i) % 8000 + 10 for i in range(prompt_len)]}
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    llm.generate([prompt] * max(batches), SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
+    result = {"methods": methods, "kernels": kernels, "tok_s": {}}
+    for b in batches:
+        t0 = time.perf_counter()
+        outs = llm.generate([prompt] * b, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        result["tok_s"][str(b)] = sum(len(o.outputs[0].token_ids) for o in outs) / dt
+    long_prompt = {"prompt_token_ids": [(3 * i) % 8000 + 10 for i in range(ttft_len)]}
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate([long_prompt], one, use_tqdm=False)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        llm.generate([long_prompt], one, use_tqdm=False)
+    result["ttft_ms"] = (time.perf_counter() - t0) / 3 * 1e3
+    return result
+
+
+def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
+    """The reference model quantized W4A16 (RTN): greedy text through the plugin vs transformers, on the GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quantize  # noqa: F401
+    from quantize.cli import main as quantize_main
+
+    ckpt = work / "reference-w4"
+    if not ckpt.exists():
+        quantize_main([str(reference), "--scheme", "W4A16", "--iters", "0", "--output_dir", str(ckpt), "--quiet", "--no-eval"])
+    prompts = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float16, device_map="cuda")
+    hf = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids.cuda()
+        hf.append(tok.decode(model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))
+    del model
+    torch.cuda.empty_cache()
+    out = subprocess.run([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--new-tokens", str(tokens)], capture_output=True, text=True)
+    vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
+    return {"transformers": hf, "vllm": vl, "equal": hf == vl.get("text")}
+
+
+def greedy_vllm(ckpt: str, tokens: int) -> dict:
+    from vllm import LLM, SamplingParams
+
+    prompts = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
+    llm = LLM(model=ckpt, dtype="float16", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
+    return {"text": [o.outputs[0].text for o in outs]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/vllm-bench")
+    p.add_argument("--tokenizer", default=".gpu/model", help="folder with the tokenizer (vocab 8192)")
+    p.add_argument("--reference", default=None, help="a real model for the greedy-text check")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--ttft-len", type=int, default=2048)
+    p.add_argument("--json", default=None)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    p.add_argument("--greedy-vllm", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    work = Path(args.work)
+    batches = [int(b) for b in args.batches.split(",")]
+
+    if args.greedy_vllm:
+        print(json.dumps(greedy_vllm(args.greedy_vllm, args.new_tokens)))
+        return
+    if args.row:
+        ckpt, quant = ROWS[args.row]
+        print(json.dumps(measure(work / ckpt, quant, batches, args.prompt_len, args.new_tokens, args.ttft_len)))
+        return
+
+    import torch
+
+    rows = [r for r in args.rows.split(",") if r]
+    needed = sorted({ROWS[r][0] for r in rows} - {"bf16"})
+    if not all((work / n / "config.json").exists() for n in ["bf16", *needed]):
+        t0 = time.time()
+        build_checkpoints(work, Path(args.tokenizer), args.layers, needed)
+        print(f"checkpoints written in {time.time() - t0:.0f} s", flush=True)
+    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "layers": args.layers, "rows": {}}
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except ImportError:
+        sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
+    if args.reference:
+        info["greedy"] = greedy_check(Path(args.reference), work)
+        print("greedy text equal (plugin vs transformers):", info["greedy"]["equal"], flush=True)
+    for row in rows:
+        cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
+        t0 = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
+        log = (out.stdout + out.stderr).splitlines()
+        picked = [line for line in log if ("Using" in line and ("Kernel" in line or "kernel" in line)) or "quantize.kernels" in line]
+        if out.returncode:
+            info["rows"][row] = {"error": "\n".join(log[-40:])}
+        else:
+            info["rows"][row] = {**json.loads(out.stdout.strip().splitlines()[-1]), "kernel_log": picked[:10], "seconds": time.time() - t0}
+        print(row, json.dumps(info["rows"][row])[:600], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
+    base = info["rows"].get("bf16", {}).get("tok_s", {})
+    print(f"\n{info['device']}, vLLM {info.get('vllm')}, {args.layers} layers of Llama-2-7B shape")
+    print(f"{'row':28}" + "".join(f"{'b=' + str(b):>16}" for b in batches) + f"{'TTFT ms':>10}")
+    for row, r in info["rows"].items():
+        if "error" in r:
+            print(f"{row:28} failed")
+            continue
+        tok = {b: r["tok_s"][str(b)] for b in batches}
+        cells = "".join(f"{tok[b]:9.0f} ({tok[b] / base[str(b)]:.2f}x)" if str(b) in base else f"{tok[b]:16.0f}" for b in batches)
+        print(f"{row:28}{cells}{r['ttft_ms']:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
