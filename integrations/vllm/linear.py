@@ -12,6 +12,7 @@ Shard arithmetic, for a layer that holds ``K`` inputs and ``N`` outputs of this 
 
 from __future__ import annotations
 
+import importlib
 import math
 from fractions import Fraction
 
@@ -73,13 +74,55 @@ def make_parameters(scheme: Scheme, layout: str, in_per_rank: int, out_per_rank:
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales_p}
 
 
+def _try_import(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def marlin_kernel(scheme: Scheme, layout: str, in_per_rank: int, out_per_rank: int, in_full: int, out_full: int,
+                  act_dtype: torch.dtype, device: torch.device):
+    """vLLM's Marlin kernel object for this layer, or None where it does not apply: symmetric 4/8-bit
+    weights in the GPTQ layout (vLLM's uint4b8/uint8b128: code minus 8 or 128, our sym zero point), CUDA,
+    half-precision activations."""
+    if device.type != "cuda" or not scheme.sym or scheme.bits not in (4, 8) or layout != "gptq":
+        return None
+    if act_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    kernel_modules = (
+        "vllm.model_executor.kernels.linear.mixed_precision.marlin",
+        "vllm.model_executor.layers.quantization.kernels.mixed_precision.marlin",  # vLLM before the kernels/ move
+    )
+    module = next((m for m in map(_try_import, kernel_modules) if m is not None), None)
+    if module is None:
+        return None
+    MarlinLinearKernel, MPLinearLayerConfig = module.MarlinLinearKernel, module.MPLinearLayerConfig
+    from vllm.scalar_type import scalar_types
+
+    config = MPLinearLayerConfig(
+        full_weight_shape=(in_full, out_full), partition_weight_shape=(in_per_rank, out_per_rank),
+        weight_type=scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128,
+        act_type=act_dtype, group_size=scheme.group_size, zero_points=False,
+    )
+    ok, _ = MarlinLinearKernel.can_implement(config)
+    if not ok:
+        return None
+    return MarlinLinearKernel(config, w_q_param_name="qweight", w_s_param_name="scales")
+
+
 @register_weight_loader_v2_supported_method
 class AutoRoundLinearMethod(LinearMethodBase):
+    """Packed parameters in the checkpoint's layout; after loading, the layer computes with vLLM's Marlin
+    where it applies (CUDA, sym 4/8-bit) and with quantize.kernels otherwise. ``kernel`` forces a
+    quantize.kernels entry (or "marlin")."""
+
     def __init__(self, scheme: Scheme, layout: str, prefix: str, kernel: str | None = None):
         self.scheme = scheme
         self.layout = layout
         self.prefix = prefix
         self.force_kernel = kernel
+        self.marlin = None
 
     def create_weights(
         self,
@@ -101,9 +144,20 @@ class AutoRoundLinearMethod(LinearMethodBase):
         layer.quant_spec = LinearSpec(
             self.scheme.bits, self.scheme.group_size, self.scheme.sym, self.layout, input_size_per_partition, out_per_rank
         )
+        layer.quant_shapes = (input_size_per_partition, out_per_rank, input_size, output_size, params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = layer.quant_spec
+        if self.force_kernel in (None, "marlin"):
+            self.marlin = marlin_kernel(self.scheme, self.layout, *layer.quant_shapes, layer.qweight.device)
+            if self.marlin is None and self.force_kernel == "marlin":
+                raise ConfigError(f"layer {self.prefix}: vLLM's Marlin kernel cannot run {self.scheme.name} ({self.layout} layout) here")
+        if self.marlin is not None:
+            # Marlin wants scales in the activation dtype; the checkpoint stores float16.
+            layer.scales.data = layer.scales.data.to(layer.quant_shapes[-1])
+            self.marlin.process_weights_after_loading(layer)
+            layer.quant_kernel = type(self.marlin)
+            return
         # Plain tensors from here on (vLLM's parameter subclasses only matter while loading).
         for name in ("qweight", "qzeros", "scales"):
             data = getattr(layer, name).data
@@ -114,6 +168,8 @@ class AutoRoundLinearMethod(LinearMethodBase):
             layer.register_buffer(f"k_{key}", t)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.marlin is not None:
+            return self.marlin.apply_weights(layer, x, bias)
         state = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales}
         state.update({k[2:]: t for k, t in layer._buffers.items() if k.startswith("k_")})
         return layer.quant_kernel.apply(layer.quant_spec, state, x, bias)
