@@ -27,6 +27,7 @@ ROWS = {
     "bf16": ("bf16", None),
     "W4A16 vLLM built-in (inc)": ("W4A16", "inc"),
     "W4A16 plugin": ("W4A16", None),
+    "W4A16 plugin (Triton)": ("W4A16-triton", None),
     "W3A16 plugin": ("W3A16", None),
     "W2A16 plugin": ("W2A16", None),
 }
@@ -49,7 +50,7 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
               "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
               "mlp.down_proj": (hidden, inter)}
-    names = ["bf16"] + schemes
+    names = ["bf16"] + schemes  # W4A16-triton: the W4A16 tensors with our Triton kernel forced
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -87,6 +88,16 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
         for n in names:
             save_file(shard[n], dirs[n] / f"model-layer{i:03d}.safetensors")
         print(f"layer {i + 1}/{layers} written", flush=True)
+    if "W4A16" in schemes:
+        forced = work / "W4A16-triton"
+        shutil.rmtree(forced, ignore_errors=True)
+        forced.mkdir()
+        c = json.loads((dirs["W4A16"] / "config.json").read_text())
+        c["quantization_config"]["kernel"] = "triton"
+        (forced / "config.json").write_text(json.dumps(c, indent=2))
+        for f in dirs["W4A16"].iterdir():
+            if f.name != "config.json":
+                (forced / f.name).symlink_to(f.resolve())
 
 
 def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len: int, new_tokens: int, ttft_len: int) -> dict:
@@ -179,7 +190,7 @@ def main() -> None:
     import torch
 
     rows = [r for r in args.rows.split(",") if r]
-    needed = sorted({ROWS[r][0] for r in rows} - {"bf16"})
+    needed = sorted({ROWS[r][0].removesuffix("-triton") for r in rows} - {"bf16"})
     if not all((work / n / "config.json").exists() for n in ["bf16", *needed]):
         t0 = time.time()
         build_checkpoints(work, Path(args.tokenizer), args.layers, needed)
