@@ -146,3 +146,14 @@ def test_override_respects_an_explicit_other_method():
     assert AutoRoundVllmConfig.override_quantization_method(cfg, "auto-round") == "auto-round"
     assert AutoRoundVllmConfig.override_quantization_method(cfg, "inc") is None
     assert AutoRoundVllmConfig.override_quantization_method({"quant_method": "gptq"}, None) is None
+
+
+def test_vllm_name_mapping_renames_blocks_and_overrides():
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    qc = _config(Scheme(4, 128, True))
+    qc.checkpoint.extra_config["model.layers.0.mlp.down_proj"] = {"bits": 8}
+    qc.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix={"model.": "language_model.model."}))
+    assert qc.checkpoint.block_name_to_quantize == ["language_model.model.layers"]
+    assert qc.checkpoint.layer_scheme("language_model.model.layers.0.mlp.down_proj") == Scheme(8, 128, True)
+    assert qc.checkpoint.layer_scheme("language_model.model.layers.1.mlp.down_proj") == Scheme(4, 128, True)
