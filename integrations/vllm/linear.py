@@ -165,7 +165,8 @@ class AutoRoundLinearMethod(LinearMethodBase):
             layer.register_buffer(name, data)
         layer.quant_kernel = select_kernel(spec, layer.qweight.device, self.force_kernel)
         for key, t in layer.quant_kernel.prepare(spec, layer.qweight, layer.qzeros, layer.scales).items():
-            layer.register_buffer(f"k_{key}", t)
+            # A kernel's own form of a checkpoint tensor replaces it (vLLM never saves these layers back).
+            layer.register_buffer(key if key in ("qweight", "qzeros", "scales") else f"k_{key}", t)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.marlin is not None:
