@@ -248,3 +248,17 @@ def test_several_formats_and_bad_names(ckpts, tmp_path):
             convert(ckpts["sym"], bad, tmp_path / "bad")
     with pytest.raises(UserError, match="not quantized"):
         convert(ckpts["sym"].parent / "tiny", "auto_gptq", tmp_path / "bad")
+
+
+def test_large_checkpoints_are_sharded_with_an_index(tmp_path):
+    from safetensors.torch import load_file
+
+    from quantize.export.hf_folder import write_weights
+
+    tensors = {f"layer{i}.weight": torch.full((256, 256), float(i)) for i in range(4)}  # 256 KiB each
+    write_weights(tmp_path, tensors, max_shard_size="300KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 4 and files[0] == "model-00001-of-00004.safetensors"
+    loaded = {k: v for f in files for k, v in load_file(tmp_path / f).items()}
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
