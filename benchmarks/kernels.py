@@ -1,6 +1,7 @@
 """Weight-only int GEMM kernels against bf16 torch.nn.functional.linear, on a CUDA GPU.
 
-  python benchmarks/kernels.py --json out.json            # the table (picked configs)
+  python benchmarks/kernels.py --json out.json            # the table: each kernel class's own dispatch
+  python benchmarks/kernels.py --bits 4 --kernels triton,tinygemm,tinygemm-op --graph  # W4 only, + graphs
   python benchmarks/kernels.py --sweep --json sweep.json  # time candidate configs per (N, K, M), W4 g128
 
 Times are medians of triton.testing.do_bench (CUDA events; do_bench clears L2 before every run, and
@@ -17,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from quantize.kernels import KERNELS
+from quantize.kernels import tinygemm as tg
 from quantize.kernels.dispatch import LinearSpec
 from quantize.kernels.triton_gemm import kernel_form, pick_config, wq_matmul
 
@@ -168,58 +171,120 @@ def sweep(args, dev) -> None:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
+KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch")
+
+
+def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels):
+    """A checkpoint layer (gptq layout for sym, auto_round for asym) and each kernel's state for it."""
+    w = torch.randn(n, k, device=device) * 0.02
+    q, s, z = quantize_weight(w, bits, group, sym=sym)
+    layout = "gptq" if sym else "auto_round"
+    p = pack(layout, q.cpu(), s.cpu(), z.cpu(), bits)
+    spec = LinearSpec(bits, group, sym, layout, k, n)
+    ckpt = {"qweight": p.qweight.to(device), "qzeros": p.qzeros.to(device), "scales": p.scales.to(device)}
+    states, shared = {}, None
+    for name in kernels:
+        cls = KERNELS["tinygemm" if name == "tinygemm-op" else name]
+        why = cls.unsupported(spec, device)
+        if why:
+            print(f"  {name}: skipped ({why})")
+            continue
+        if name in ("triton", "tinygemm", "tinygemm-op") and KERNELS["tinygemm"].unsupported(spec, device) is None:
+            # tinygemm's state is Triton's plus its own tensors: prepare once, serve all three
+            if shared is None:
+                shared = {**ckpt, **KERNELS["tinygemm"].prepare(spec, *ckpt.values())}
+            states[name] = shared
+            continue
+        states[name] = {**ckpt, **cls.prepare(spec, *ckpt.values())}
+    return spec, states, dequantize(q, s, z, torch.bfloat16)
+
+
+def call(name: str, spec: LinearSpec, state: dict, x: torch.Tensor):
+    if name == "tinygemm-op":  # the op itself at every M (to place the cutover)
+        return lambda: tg.int4_mm(x, state["tg_weight"], spec.group_size, state["tg_sz"])
+    cls = KERNELS[name]
+    return lambda: cls.apply(spec, state, x, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--asym", action="store_true", help="asymmetric weights (auto_round layout); default sym (gptq)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--budget", type=float, default=200.0, help="sweep: seconds of timing at most")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--bits", default="4,2,3,8")
+    ap.add_argument("--kernels", default="triton,tinygemm",
+                    help=f"comma list of {', '.join(KERNEL_CHOICES)} (tinygemm: the dispatch class, tinygemm for "
+                         "bf16 and small M, Triton above; tinygemm-op: torch's op at every M)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="M values for 4-bit rows")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="first this many (N, K) shapes for 4-bit rows")
     ap.add_argument("--other-ms", default="1,16,64,256")
     ap.add_argument("--other-shapes", type=int, default=4)
-    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays over 8 weight copies")
+    ap.add_argument("--graph", action="store_true", help="also time CUDA-graph replays over 8 weight copies (M <= 64)")
     args = ap.parse_args()
+    kernels = args.kernels.split(",")
+    for name in kernels:
+        if name not in KERNEL_CHOICES:
+            ap.error(f"unknown kernel {name!r}; choose from {', '.join(KERNEL_CHOICES)}")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.sweep:
         sweep(args, dev)
         return
-    rows = []
-    print(f"{'bits':>4} {'M':>5} {'N x K':>12} {'bf16 us':>9} {'quant us':>9} {'speedup':>8} {'rel err':>8}")
+    sym = not args.asym
+    print(f"group {args.group} {'sym' if sym else 'asym'}; times in us (do_bench medians); xN = bf16 time / kernel time")
     bits_list = [int(b) for b in args.bits.split(",")]
-    plan = [(4, m, n, k) for (n, k) in SHAPES for m in MS] if 4 in bits_list else []
+    ms = [int(v) for v in args.ms.split(",")]
+    plan = [(4, m, n, k) for (n, k) in SHAPES[: args.shapes] for m in ms] if 4 in bits_list else []
     other_ms = [int(v) for v in args.other_ms.split(",")]
     plan += [(b, m, n, k) for b in bits_list if b != 4 for (n, k) in SHAPES[: args.other_shapes] for m in other_ms]
-    if args.workers > 1:
-        precompile_plan(args.workers, plan)
+    if args.workers > 1 and ("triton" in kernels or "tinygemm" in kernels):
+        try:
+            precompile_plan(args.workers, plan)
+        except Exception as e:  # noqa: BLE001
+            print("precompile failed:", e)
+    rows = []
     cache = {}
     for bits, m, n, k in plan:
         if (bits, n, k) not in cache:
-            cache = {(bits, n, k): make(bits, args.group, n, k, dev)}
-        qweight, scales, zeros, w_ref = cache[(bits, n, k)]
+            cache.clear()
+            torch.cuda.empty_cache()
+            cache[(bits, n, k)] = make_layer(bits, args.group, sym, n, k, dev, kernels)
+        spec, states, w_ref = cache[(bits, n, k)]
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        out = wq_matmul(x, qweight, scales, zeros, bits, args.group)
-        ref = F.linear(x, w_ref)
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        ref = F.linear(x, w_ref).float()
         t_bf16 = bench(lambda: F.linear(x, w_ref))
-        t_q = bench(lambda: wq_matmul(x, qweight, scales, zeros, bits, args.group))
-        cfg = pick_config(m, n, k, bits)
-        row = {"bits": bits, "M": m, "N": n, "K": k, "bf16_us": t_bf16, "quant_us": t_q, "speedup": t_bf16 / t_q, "rel_err": err, "config": cfg}
-        extra = ""
+        row = {"bits": bits, "group": args.group, "sym": sym, "M": m, "N": n, "K": k, "bf16_us": t_bf16}
+        line = f"{bits:>2} g{args.group:<3} {'sym' if sym else 'asym':4} M={m:<5} {n:>5}x{k:<5} bf16 {t_bf16:7.1f}"
+        copies = None
         if args.graph and m <= 64:
-            copies = [(qweight.clone(), scales.clone(), zeros.clone(), w_ref.clone()) for _ in range(8)]
-            g_bf16 = graph_time([lambda c=c: F.linear(x, c[3]) for c in copies])
-            g_q = graph_time([lambda c=c: wq_matmul(x, c[0], c[1], c[2], bits, args.group) for c in copies])
-            row.update(graph_bf16_us=g_bf16, graph_quant_us=g_q)
-            extra = f" graph {g_bf16:.1f}/{g_q:.1f} {g_bf16 / g_q:.2f}x"
-            del copies
+            # 8 copies of the weights (and of each distinct kernel state), so that L2 holds none of them
+            distinct = {id(st): st for st in states.values()}
+            copies = [(w_ref.clone(), {i: {key: t.clone() for key, t in st.items()} for i, st in distinct.items()})
+                      for _ in range(8)]
+            row["graph_bf16_us"] = g_bf16 = graph_time([lambda c=c: F.linear(x, c[0]) for c in copies])
+            line += f" (graph {g_bf16:.1f})"
+        for name, state in states.items():
+            fn = call(name, spec, state, x)
+            out = fn().float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            t = bench(fn)
+            row[name] = {"us": t, "speedup": t_bf16 / t, "rel_err": err}
+            line += f" | {name} {t:7.1f} {t_bf16 / t:5.2f}x err {err:.1e}"
+            if copies is not None:
+                g = graph_time([call(name, spec, c[1][id(state)], x) for c in copies])
+                row[name].update(graph_us=g, graph_speedup=row["graph_bf16_us"] / g)
+                line += f" graph {g:.1f} {row['graph_bf16_us'] / g:.2f}x"
+        del copies
         rows.append(row)
-        print(f"{bits:>4} {m:>5} {f'{n}x{k}':>12} {t_bf16:9.1f} {t_q:9.1f} {t_bf16 / t_q:7.2f}x {err:8.1e}{extra}  {cfg}", flush=True)
+        print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "group_size": args.group, "rows": rows}, f, indent=2)
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "group_size": args.group,
+                       "sym": sym, "tinygemm_max_m": tg.MAX_M, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
