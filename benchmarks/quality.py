@@ -1,30 +1,31 @@
-"""Perplexity and wall time of this project's quantization on the reference model, per scheme and preset.
+"""Perplexity and wall time of this project and Intel AutoRound, side by side, per scheme and preset.
 
 Settings follow ../shared/anchors/README.md: calibration 128 x 512 tokens from the training corpus
 (seed 42), batch 8; evaluation on the first 300 non-overlapping 512-token windows of heldout.txt, the
-file tokenized piece by piece (split on blank lines), bf16 compute on CUDA.
+file tokenized piece by piece (split on blank lines), bf16 compute on CUDA. Both tools get the same
+calibration token ids (Intel's AutoRound takes them as a list of [1, seqlen] tensors) and are evaluated on
+the same ids with the same perplexity function. Seconds: wall time of the tuning call alone
+(``quantize_model`` here, ``AutoRound(...).quantize()`` for Intel, compile warm-up included, model loading
+not), GPU synchronized before and after.
 
-  python benchmarks/quality.py --schemes W4A16,W3A16,W2A16 --presets auto-round --json out.json
+  python benchmarks/quality.py --schemes W4A16,W3A16,W2A16,W2A16G64 --presets auto-round --json out.json
+  python benchmarks/quality.py --configs W4A16:auto-round-light,W2A16:auto-round --tools ours,intel
+  python benchmarks/quality.py --model .gpu/model --calib .gpu/calib128x512.pt --heldout .gpu/heldout300.pt
+
+Intel's AutoRound (``pip install auto-round==0.16.1``) runs in this process; without it only ours runs.
+Rows are printed and the JSON rewritten as each finishes, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import time
 from pathlib import Path
 
 import torch
-
-from quantize.calib import calibration_ids
-from quantize.checkpoint import layout_for
-from quantize.eval import load_eval_ids, perplexity
-from quantize.layer_config import plan_layers
-from quantize.model import compute_dtype, find_blocks, load_model
-from quantize.presets import get_preset
-from quantize.quantizer import quantize_model
-from quantize.scheme import get_scheme
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 # Intel AutoRound 0.16.1 on an H200 (anchors/README.md): (scheme, preset) -> perplexity.
@@ -35,26 +36,111 @@ ANCHORS = {
 }
 
 
+def intel_settings(cfg) -> dict:
+    """AutoRound keyword arguments for one of our presets (same iters, lr, samples, length, batch)."""
+    kw = dict(iters=cfg.iters, nsamples=cfg.nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, seed=cfg.seed)
+    if cfg.lr is not None:
+        kw["lr"] = cfg.lr
+    if cfg.minmax_lr is not None:
+        kw["minmax_lr"] = cfg.minmax_lr
+    return kw
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(base, scheme, cfg, calib, device):
+    from quantize.checkpoint import layout_for
+    from quantize.layer_config import plan_layers
+    from quantize.model import find_blocks
+    from quantize.quantizer import quantize_model
+
+    model = copy.deepcopy(base)
+    blocks = find_blocks(model)
+    plan = plan_layers(model, blocks.prefix, scheme, layout_for=layout_for)
+    sync(device)
+    t0 = time.time()
+    quantize_model(model, blocks, plan, calib, cfg, device, progress=False)
+    sync(device)
+    return model, time.time() - t0
+
+
+def run_intel(base, tok, scheme, cfg, calib, device):
+    from auto_round import AutoRound
+
+    model = copy.deepcopy(base)
+    ar = AutoRound(
+        model, tokenizer=tok, bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
+        dataset=[row.unsqueeze(0) for row in calib], device_map=0 if device.type == "cuda" else "cpu",
+        disable_model_free=True, **intel_settings(cfg),
+    )
+    sync(device)
+    t0 = time.time()
+    ar.quantize()  # leaves the quantize-dequantized weights in the model's layers
+    sync(device)
+    seconds = time.time() - t0
+    model = ar.model
+    del ar
+    return model, seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(SHARED / "models/gutenberg-llama-29m"))
-    p.add_argument("--calib", default=str(SHARED / "data/gutenberg/calib.txt"))
-    p.add_argument("--heldout", default=str(SHARED / "data/gutenberg/heldout.txt"))
-    p.add_argument("--schemes", default="W4A16,W3A16,W2A16")
-    p.add_argument("--presets", default="auto-round")
+    p.add_argument("--calib", default=str(SHARED / "data/gutenberg/calib.txt"), help="text, or a .pt of ids [n, seqlen]")
+    p.add_argument("--heldout", default=str(SHARED / "data/gutenberg/heldout.txt"), help="text, or a .pt of flat ids")
+    p.add_argument("--schemes", default="W4A16,W3A16,W2A16,W2A16G64")
+    p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
+    p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
+    p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
-    p.add_argument("--iters", type=int, default=None, help="override the presets' iters")
+    p.add_argument("--iters", type=int, default=None, help="override the presets' iters (smoke tests)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="our compiled qdq (auto: by block size)")
+    p.add_argument("--deadline", type=float, default=None, help="seconds: start no new tuning run after this")
+    p.add_argument("--skip-bf16", action="store_true", help="do not evaluate the unquantized model")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
+    from quantize.calib import calibration_ids
+    from quantize.eval import load_eval_ids, perplexity
+    from quantize.model import compute_dtype, load_model
+    from quantize.presets import get_preset
+    from quantize.scheme import get_scheme
+
+    start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, tok = load_model(args.model)
     # .pt files hold ids prepared elsewhere (the GPU machine has no ../shared): same ids on every machine.
     eval_ids = torch.load(args.heldout) if args.heldout.endswith(".pt") else load_eval_ids(args.heldout, tok)
     calib = torch.load(args.calib) if args.calib.endswith(".pt") else calibration_ids(args.calib, tok, args.nsamples, args.seqlen, seed=42)
+    calib = calib[: args.nsamples, : args.seqlen]
     dtype = compute_dtype(device, base.dtype)
+    tools = [t for t in args.tools.split(",") if t]
+    versions = {"torch": torch.__version__}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if "intel" in tools:
+        try:
+            import auto_round
+
+            versions["auto_round"] = auto_round.__version__
+        except Exception as e:  # noqa: BLE001 - report and go on with ours
+            print(f"auto_round unavailable ({type(e).__name__}: {e}); running ours only", flush=True)
+            tools.remove("intel")
+    if args.configs:
+        configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+    else:
+        configs = [(s, pr) for s in args.schemes.split(",") for pr in args.presets.split(",")]
+    configs = [c if len(c) == 3 else (*c, None) for c in configs]
+    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
 
     def ppl(model) -> float:
         model.to(device, dtype)
@@ -62,29 +148,77 @@ def main() -> None:
         model.to("cpu", base.dtype)
         return value
 
-    rows = [{"scheme": "BF16", "preset": "-", "ppl": ppl(base), "seconds": 0.0}]
-    print(f"{'scheme':10} {'preset':18} {'ppl':>8} {'anchor':>8} {'ratio':>7} {'seconds':>8}")
-    print(f"{'BF16':10} {'-':18} {rows[0]['ppl']:8.2f}")
-    for scheme_name in args.schemes.split(","):
-        for preset in args.presets.split(","):
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": versions, "nsamples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
+        "eval_tokens": int(min(len(eval_ids) // 512, args.windows) * 512), "rows": [], "summary": [],
+    }
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
+
+    if not args.skip_bf16:
+        info["bf16_ppl"] = ppl(base)
+        print(f"BF16 ppl {info['bf16_ppl']:.2f}", flush=True)
+    print(f"{'scheme':9} {'preset':17} {'tool':6} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7}", flush=True)
+    for scheme_name, preset, only in configs:
+        results = {}
+        for tool in tools:
+            if only and tool != only:
+                continue
+            if args.deadline is not None and time.time() - start > args.deadline:
+                print(f"deadline reached: skipping {scheme_name} {preset} {tool}", flush=True)
+                info.setdefault("skipped", []).append(f"{scheme_name}:{preset}:{tool}")
+                continue
             scheme = get_scheme(scheme_name)
-            cfg = get_preset(preset, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8, iters=args.iters)
-            model = copy.deepcopy(base)
-            blocks = find_blocks(model)
-            plan = plan_layers(model, blocks.prefix, scheme, layout_for=layout_for)
+            over = dict(nsamples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=8, iters=args.iters)
+            cfg = get_preset(preset, **over, compile=compile_flag)
             if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.time()
-            quantize_model(model, blocks, plan, calib, cfg, device, progress=False)
-            seconds = time.time() - t0
-            value = ppl(model)
-            anchor = ANCHORS.get((scheme_name, preset))
-            ratio = f"{value / anchor:7.3f}" if anchor else " " * 7
-            print(f"{scheme_name:10} {preset:18} {value:8.2f} {anchor or float('nan'):8.2f} {ratio} {seconds:8.1f}", flush=True)
-            rows.append({"scheme": scheme_name, "preset": preset, "ppl": value, "anchor": anchor, "seconds": seconds})
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2))
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                if tool == "ours":
+                    model, seconds = run_ours(base, scheme, cfg, calib, device)
+                else:
+                    model, seconds = run_intel(base, tok, scheme, cfg, calib, device)
+                peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+                value = ppl(model)
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                import traceback
+
+                traceback.print_exc()
+                info["rows"].append({"scheme": scheme_name, "preset": preset, "tool": tool, "error": f"{type(e).__name__}: {e}"})
+                save()
+                continue
+            del model
+            gc.collect()
+            anchor = ANCHORS.get((scheme_name, preset)) if tool == "intel" else None
+            row = {"scheme": scheme_name, "preset": preset, "tool": tool, "ppl": value, "seconds": seconds,
+                   "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor}
+            results[tool] = row
+            info["rows"].append(row)
+            print(f"{scheme_name:9} {preset:17} {tool:6} {value:8.2f} {anchor or float('nan'):7.2f} {seconds:8.1f} "
+                  f"{peak or float('nan'):7.2f}", flush=True)
+            save()
+        if "ours" in results and "intel" in results:
+            o, i = results["ours"], results["intel"]
+            s = {"scheme": scheme_name, "preset": preset, "ppl_ours": o["ppl"], "ppl_intel": i["ppl"],
+                 "ppl_ratio": o["ppl"] / i["ppl"], "seconds_ours": o["seconds"], "seconds_intel": i["seconds"],
+                 "time_ratio": o["seconds"] / i["seconds"]}
+            info["summary"].append(s)
+            save()
+
+    if info["summary"]:
+        print("\nside by side (ratio = ours / Intel)")
+        print(f"{'scheme':9} {'preset':17} {'ppl ours':>9} {'ppl Intel':>9} {'ratio':>6} {'s ours':>7} {'s Intel':>7} {'ratio':>6}")
+        for s in info["summary"]:
+            print(f"{s['scheme']:9} {s['preset']:17} {s['ppl_ours']:9.2f} {s['ppl_intel']:9.2f} {s['ppl_ratio']:6.3f} "
+                  f"{s['seconds_ours']:7.1f} {s['seconds_intel']:7.1f} {s['time_ratio']:6.3f}")
+        mean = sum(s["ppl_ratio"] for s in info["summary"]) / len(info["summary"])
+        info["mean_ppl_ratio"] = mean
+        print(f"mean ppl ratio {mean:.4f}")
+    save()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ best-loss parameters kept. ``iters == 0`` is plain round-to-nearest.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,33 @@ from quantize.model import UserError, block_output
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
+
+log = logging.getLogger(__name__)
+
+# Blocks with fewer weights than this tune faster eagerly: compiling takes seconds per layer shape, and
+# small layers are bound by kernel launches either way (a 7B block holds about 2e8 weights).
+COMPILE_MIN_WEIGHTS = 1 << 24
+
+
+def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Tuned quantize-dequantize of one weight in float32, returned in the weight's dtype."""
+    return fake_quantize(w, bits, group_size, sym, v, min_scale, max_scale).to(w.dtype)
+
+
+_compiled_qdq = None
+
+
+def _get_qdq(compiled: bool):
+    """``_qdq``, or its compiled form: one fused kernel forward and one backward per layer shape, where
+    eager mode launches about 15 elementwise kernels each way, each a pass over the float32 weight."""
+    global _compiled_qdq
+    if not compiled:
+        return _qdq
+    if _compiled_qdq is None:
+        # emulate_precision_casts: keep the float16 rounding of the scales (Inductor drops such round
+        # trips by default); with it the compiled function matches eager mode bit for bit (checked on CPU).
+        _compiled_qdq = torch.compile(_qdq, dynamic=False, options={"emulate_precision_casts": True})
+    return _compiled_qdq
 
 
 @dataclass
@@ -75,16 +103,21 @@ def tune_block(
     params = {name: _LayerParams(w, layers[name], device) for name, w in weights.items()}
     for p in block.parameters():
         p.requires_grad_(False)
+    compiled = cfg.compile
+    if compiled is None:
+        compiled = device.type == "cuda" and cfg.iters > 0 and sum(w.numel() for w in weights.values()) >= COMPILE_MIN_WEIGHTS
+    qdq = _get_qdq(compiled)
+    if compiled:
+        qdq = _warm_up(qdq, weights, layers, params)
 
     def qdq_weights(use_tuned: bool) -> dict[str, torch.Tensor]:
         out = {}
         for name, w in weights.items():
             s, p = layers[name], params[name]
             if use_tuned:
-                fq = fake_quantize(w, s.bits, s.group_size, s.sym, p.v, p.min_scale, p.max_scale)
+                out[f"{name}.weight"] = qdq(w, p.v, p.min_scale, p.max_scale, s.bits, s.group_size, s.sym)
             else:
-                fq = fake_quantize(w, s.bits, s.group_size, s.sym)
-            out[f"{name}.weight"] = fq.to(w.dtype)
+                out[f"{name}.weight"] = fake_quantize(w, s.bits, s.group_size, s.sym).to(w.dtype)
         return out
 
     def block_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
@@ -109,6 +142,22 @@ def tune_block(
     with torch.no_grad():
         loss_after = block_loss({}, probe).item()
     return BlockResult(results, loss_before, loss_after)
+
+
+def _warm_up(qdq, weights, layers, params):
+    """Compile forward and backward for every layer shape now (backward compiles lazily, inside the first
+    step otherwise); if compiling fails, fall back to eager mode rather than fail the run."""
+    try:
+        for name, w in weights.items():
+            s, p = layers[name], params[name]
+            qdq(w, p.v, p.min_scale, p.max_scale, s.bits, s.group_size, s.sym).float().sum().backward()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+        log.warning("torch.compile of the quantize-dequantize failed (%s: %s); tuning eagerly", type(e).__name__, e)
+        qdq = _qdq
+    for p in params.values():
+        for t in p.parameters():
+            t.grad = None
+    return qdq
 
 
 def _signed_descent(params, qdq_weights, block_loss, nsamples, cfg: TuneConfig, generator, device) -> None:
