@@ -147,7 +147,10 @@ def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
         hf.append(tok.decode(model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))
     del model
     torch.cuda.empty_cache()
-    out = subprocess.run([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--new-tokens", str(tokens)], capture_output=True, text=True)
+    try:
+        out = subprocess.run([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--new-tokens", str(tokens)], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"transformers": hf, "vllm": {"error": "timed out"}, "equal": False}
     vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
     return {"transformers": hf, "vllm": vl, "equal": hf == vl.get("text")}
 
@@ -173,6 +176,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--ttft-len", type=int, default=2048)
     p.add_argument("--json", default=None)
+    p.add_argument("--row-timeout", type=int, default=600, help="seconds one engine may take, start to finish")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     p.add_argument("--greedy-vllm", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -209,7 +213,11 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
         t0 = time.time()
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"}, timeout=args.row_timeout)
+        except subprocess.TimeoutExpired as e:
+            out = subprocess.CompletedProcess(cmd, -1, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""),
+                                              f"timed out after {args.row_timeout} s")
         log = (out.stdout + out.stderr).splitlines()
         picked = [line for line in log if ("Using" in line and ("Kernel" in line or "kernel" in line)) or "quantize.kernels" in line]
         if out.returncode:
