@@ -128,7 +128,8 @@ def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len
 
 
 def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
-    """The reference model quantized W4A16 (RTN): greedy text through the plugin vs transformers, on the GPU."""
+    """The reference model quantized W4A16 (RTN): greedy text through the plugin vs transformers, on the GPU,
+    in float32 (our Triton kernel on both sides) and float16 (vLLM's Marlin in the plugin)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,30 +139,36 @@ def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
     ckpt = work / "reference-w4"
     if not ckpt.exists():
         quantize_main([str(reference), "--scheme", "W4A16", "--iters", "0", "--output_dir", str(ckpt), "--quiet", "--no-eval"])
-    prompts = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
     tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float16, device_map="cuda")
-    hf = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids.cuda()
-        hf.append(tok.decode(model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))
-    del model
-    torch.cuda.empty_cache()
-    try:
-        out = subprocess.run([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--new-tokens", str(tokens)], capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return {"transformers": hf, "vllm": {"error": "timed out"}, "equal": False}
-    vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
-    return {"transformers": hf, "vllm": vl, "equal": hf == vl.get("text")}
+    result = {}
+    for dtype in ("float32", "float16"):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), device_map="cuda")
+        hf = []
+        for p in GREEDY_PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids.cuda()
+            hf.append(tok.decode(model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))
+        del model
+        torch.cuda.empty_cache()
+        cmd = [sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", dtype, "--new-tokens", str(tokens)]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
+        except subprocess.TimeoutExpired:
+            vl = {"error": "timed out"}
+        result[dtype] = {"transformers": hf, "vllm": vl, "equal": hf == vl.get("text")}
+    return result
 
 
-def greedy_vllm(ckpt: str, tokens: int) -> dict:
+GREEDY_PROMPTS = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
+
+
+def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
-    prompts = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
-    llm = LLM(model=ckpt, dtype="float16", max_model_len=512, gpu_memory_utilization=0.3, seed=0)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
-    return {"text": [o.outputs[0].text for o in outs]}
+    llm = LLM(model=ckpt, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    kernels = llm.apply_model(lambda m: sorted({getattr(mod, "quant_kernel", type(None)).__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
+    outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
+    return {"text": [o.outputs[0].text for o in outs], "kernels": kernels}
 
 
 def main() -> None:
@@ -179,12 +186,13 @@ def main() -> None:
     p.add_argument("--row-timeout", type=int, default=600, help="seconds one engine may take, start to finish")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     p.add_argument("--greedy-vllm", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
     batches = [int(b) for b in args.batches.split(",")]
 
     if args.greedy_vllm:
-        print(json.dumps(greedy_vllm(args.greedy_vllm, args.new_tokens)))
+        print(json.dumps(greedy_vllm(args.greedy_vllm, args.dtype, args.new_tokens)))
         return
     if args.row:
         ckpt, quant = ROWS[args.row]
@@ -208,7 +216,9 @@ def main() -> None:
         sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
     if args.reference:
         info["greedy"] = greedy_check(Path(args.reference), work)
-        print("greedy text equal (plugin vs transformers):", info["greedy"]["equal"], flush=True)
+        print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
     for row in rows:
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
