@@ -202,7 +202,7 @@ def main() -> None:
     import torch
 
     rows = [r for r in args.rows.split(",") if r]
-    needed = sorted({ROWS[r][0].removesuffix("-triton") for r in rows} - {"bf16"})
+    needed = list(SCHEMES)  # all of them, so that later calls on the same machine reuse the folder
     if not all((work / n / "config.json").exists() for n in ["bf16", *needed]):
         t0 = time.time()
         build_checkpoints(work, Path(args.tokenizer), args.layers, needed)
