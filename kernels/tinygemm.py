@@ -37,9 +37,12 @@ from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, unpack
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Largest M (rows of the flattened activation) sent to tinygemm; from the H100 benchmark in
-# benchmarks/NOTES.md. Larger M takes the fallback (Triton; from M = 128 dequantize + cuBLAS).
-MAX_M = 64
+# Largest M (rows of the flattened activation) sent to tinygemm. H100 benchmark (benchmarks/NOTES.md,
+# do_bench, eager launches): tinygemm 2.0-2.3x bf16 at M = 1 and 0.76-0.97x at M = 16 where Triton's
+# eager call was 0.35-0.48x; at M = 64 tinygemm (0.20-0.28x) loses to Triton (0.34-0.48x), and from
+# M = 256 it is 5-25x slower than dequantize + cuBLAS. Caveat: inside CUDA graphs (no launch cost)
+# Triton's M = 16 is faster (1.01-1.07x against tinygemm's 0.65-0.82x); M = 2..8 are not measured yet.
+MAX_M = 16
 U = 2.0**-8  # bf16 unit roundoff
 
 

