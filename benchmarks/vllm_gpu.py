@@ -214,11 +214,6 @@ def main() -> None:
         info["vllm"] = vllm.__version__
     except ImportError:
         sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
-    if args.reference:
-        info["greedy"] = greedy_check(Path(args.reference), work)
-        print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(info, indent=2))
     for row in rows:
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
@@ -235,6 +230,11 @@ def main() -> None:
         else:
             info["rows"][row] = {**json.loads(out.stdout.strip().splitlines()[-1]), "kernel_log": picked[:10], "seconds": time.time() - t0}
         print(row, json.dumps(info["rows"][row])[:600], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
+    if args.reference:
+        info["greedy"] = greedy_check(Path(args.reference), work)
+        print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     base = info["rows"].get("bf16", {}).get("tok_s", {})
