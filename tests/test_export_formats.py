@@ -59,6 +59,15 @@ def ckpts(tmp_path_factory, gutenberg):
     }
 
 
+@pytest.fixture(scope="module")
+def low_ckpts(tmp_path_factory, gutenberg):
+    """2- and 3-bit checkpoints for Q2_K/Q3_K: every group size the scheme offers splits into 16s."""
+    work = tmp_path_factory.mktemp("export_low")
+    tiny = build_tiny_llama(work / "tiny", hidden=256, intermediate=512, layers=2)
+    schemes = {"sym2": Scheme(2, 128, True), "asym2": Scheme(2, 32, False), "sym3": Scheme(3, 64, True), "asym3": Scheme(3, 32, False)}
+    return {k: _quantize(tiny, work / k, s) for k, s in schemes.items()}
+
+
 def _ours(ckpt, dtype=torch.float32):
     src = load_auto_round(ckpt)
     return src, {name: src.layers[name].dequantize(dtype) for name in src.layers}
@@ -201,6 +210,70 @@ def test_gguf_tensors_decode_to_our_weights(preset, kind, exact, ckpts, tmp_path
             assert (got - w).abs().max() <= 0.03 * w.abs().max(), name
 
 
+# Stated grid tolerances (max |error| over the tensor's max |w|, and RMS error over RMS w). Measured on this
+# tiny model, worst over 2/3-bit, sym/asym, groups 32-128: Q2_K (4-bit scales and mins per 16 weights)
+# 0.062 / 0.044 at groups of 32, 0.021 / 0.012 at 128; Q3_K (6-bit signed scales) 0.016 / 0.009; Q4_K and
+# Q5_K holding 2/3-bit codes 0.019 / 0.016.
+GRID_TOL = {"Q2_K": (0.07, 0.05), "Q3_K": (0.02, 0.012), "Q4_K": (0.025, 0.02), "Q5_K": (0.025, 0.02)}
+
+
+def _block_codes(data: np.ndarray, kind: str) -> np.ndarray:
+    """The codes a Q2_K / Q3_K tensor stores, read by gguf-py: every block's scales set to 1 and its
+    min to 0, so that dequantize returns q2 (Q2_K) or q3 - 4 (Q3_K) per weight."""
+    from gguf.quants import dequantize
+
+    from gguf import GGMLQuantizationType
+
+    blocks = data.reshape(-1, 84 if kind == "Q2_K" else 110).copy()
+    one = np.array([1.0], dtype=np.float16).view(np.uint8)
+    if kind == "Q2_K":  # scales[16] (sc | m << 4), qs[64], d, dmin
+        blocks[:, :16], blocks[:, 80:82], blocks[:, 82:84] = 0x01, one, 0
+    else:  # hmask[32], qs[64], scales[12] (6-bit, offset 32: 33 -> low nibbles 1, high bits 2), d
+        blocks[:, 96:104], blocks[:, 104:108], blocks[:, 108:110] = 0x11, 0xAA, one
+    return dequantize(blocks.reshape(data.shape), getattr(GGMLQuantizationType, kind))
+
+
+@pytest.mark.parametrize("preset, kind", [("q2_k", "asym2"), ("q2_k", "sym2"), ("q3_k_s", "sym3"), ("q3_k_m", "sym3"),
+                                          ("q3_k_l", "sym3"), ("q3_k_s", "asym2"), ("q3_k_m", "sym2")])
+def test_gguf_q2_k_q3_k_keep_our_codes(preset, kind, low_ckpts, tmp_path):
+    """Q2_K / Q3_K files (and the Q3_K/Q4_K/Q5_K layers of their mixes) decode through gguf-py to our
+    weights within the stated grid tolerance, and the stored 2-/3-bit codes are ours, unchanged."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from quantize.export.gguf import _rope_rows, tensor_type
+
+    (out,) = convert(low_ckpts[kind], f"gguf:{preset}", tmp_path / "g")
+    reader = gguf.GGUFReader(next(out.glob("*.gguf")))
+    src, ours = _ours(low_ckpts[kind])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    by_name = {t.name: t for t in reader.tensors}
+    seen = set()
+    for name, w in ours.items():
+        t = by_name[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+        typ = t.tensor_type.name
+        assert typ == tensor_type(preset, name, int(name.split(".")[2]), 2, gqa=2), name
+        seen.add(typ)
+        rows = _rope_rows(name, w.shape[0], src.config)
+        layer = src.layers[name]
+        q, s, z = layer.q.long(), layer.scales, layer.zeros.long()
+        if rows is not None:
+            w, q, s, z = w[rows], q[rows], s[rows], z[rows]
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(w.shape)
+        max_tol, rms_tol = GRID_TOL[typ]
+        err = (got - w).abs()
+        assert err.max() <= max_tol * w.abs().max(), (name, typ, (err.max() / w.abs().max()).item())
+        assert err.pow(2).mean().sqrt() <= rms_tol * w.pow(2).mean().sqrt(), (name, typ)
+        if typ in ("Q2_K", "Q3_K"):
+            g = w.shape[1] // s.shape[1]
+            codes = torch.from_numpy(_block_codes(t.data, typ)).reshape(w.shape)
+            neg = (s.float() < 0).repeat_interleave(g, 1)
+            zz = z.repeat_interleave(g, 1)
+            want = torch.where(neg, 3 - q, q) if typ == "Q2_K" else (q - zz)  # Q2_K mirrors negative scales
+            assert torch.equal(codes, want.float()), (name, typ)
+    assert {"Q2_K", "Q3_K"} & seen
+
+
 def test_gguf_mix_follows_llama_cpp():
     from quantize.export.gguf import tensor_type
 
@@ -210,6 +283,15 @@ def test_gguf_mix_follows_llama_cpp():
     assert tensor_type("q4_k_m", "model.layers.5.self_attn.q_proj", 5, n) == "Q4_K"
     assert tensor_type("q4_k_s", "model.layers.2.self_attn.v_proj", 2, n) == "Q5_K"
     assert tensor_type("q4_0", "model.layers.0.mlp.down_proj", 0, n) == "Q4_0"
+    # Q2_K / Q3_K mixes (llama_tensor_get_type_impl): attn_v, ffn_down, attn_output get more bits
+    t = lambda preset, proj, i, gqa=1: tensor_type(preset, f"model.layers.{i}.{proj}", i, n, gqa)  # noqa: E731
+    assert [t("q2_k", p, 9) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj")] == ["Q2_K", "Q3_K", "Q3_K", "Q3_K"]
+    assert t("q2_k", "self_attn.v_proj", 9, gqa=4) == "Q4_K"
+    assert {t("q3_k_s", p, i) for p in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj") for i in range(n)} == {"Q3_K"}
+    assert [t("q3_k_m", "self_attn.v_proj", i) for i in (0, 1, 2, 31)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [t("q3_k_m", "mlp.down_proj", i) for i in (0, 1, 2, 31)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [t("q3_k_m", p, 5) for p in ("self_attn.o_proj", "mlp.up_proj")] == ["Q4_K", "Q3_K"]
+    assert [t("q3_k_l", p, 5) for p in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj", "self_attn.k_proj")] == ["Q5_K", "Q5_K", "Q5_K", "Q3_K"]
 
 
 def test_gguf_loads_in_transformers_with_our_logits(ckpts, tmp_path):
@@ -229,11 +311,47 @@ def test_gguf_loads_in_transformers_with_our_logits(ckpts, tmp_path):
     assert diff <= 1e-4 * ref(ids).logits.abs().max().item(), diff  # Q4_0 holds these weights exactly
 
 
+def test_gguf_q2_k_loads_in_transformers_near_our_logits(low_ckpts, tmp_path):
+    """A whole q2_k file (Q2_K layers, Q3_K attn_v/ffn_down/attn_output) through transformers' GGUF loader
+    (gguf-py dequantizes): logits close to our dequantized model (the fake export), within what Q2_K's
+    4-bit scale grid moves the weights (measured: max 0.037 of the largest logit, RMS 0.031 of the logits'
+    spread), a small fraction of what 2-bit quantization itself moves them (0.69)."""
+    from transformers import AutoTokenizer
+
+    (out,) = convert(low_ckpts["asym2"], "gguf:q2_k", tmp_path / "g")
+    (fake,) = convert(low_ckpts["asym2"], "fake", tmp_path / "f")
+    f = next(out.glob("*.gguf")).name
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=f, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(fake, dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(low_ckpts["asym2"].parent / "tiny", dtype=torch.float32)
+    text = "It was the best of times, it was the worst of times"
+    ids = AutoTokenizer.from_pretrained(fake)(text, return_tensors="pt").input_ids
+    assert torch.equal(AutoTokenizer.from_pretrained(out, gguf_file=f)(text, return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        got, want, unquantized = model(ids).logits, ref(ids).logits, full(ids).logits
+    spread = (want - want.mean(-1, keepdim=True)).pow(2).mean().sqrt()
+    rms = lambda x: x.pow(2).mean().sqrt()  # noqa: E731
+    assert (got - want).abs().max() <= 0.06 * want.abs().max(), (got - want).abs().max()
+    assert rms(got - want) <= 0.05 * spread, rms(got - want) / spread
+    assert rms(got - want) <= 0.1 * rms(unquantized - want)
+
+
 def test_gguf_refuses_codes_it_cannot_hold(ckpts, tmp_path):
     with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.down_proj .*Q4_0"):
         convert(ckpts["mixed"], "gguf:q4_0", tmp_path / "g")
     with pytest.raises(ExportError, match="Q4_0 holds q - zero in"):
         convert(ckpts["asym"], "gguf:q4_0", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+def test_gguf_q2_k_q3_k_refuse_codes_they_cannot_hold(ckpts, low_ckpts, tmp_path):
+    # 8-bit codes where q2_k's mix puts Q3_K (ffn_down), 3-bit codes in Q2_K, asym 3-bit codes in Q3_K
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.down_proj .*Q3_K \(gguf:q2_k\): Q3_K holds q - zero in \[-4, 3\]"):
+        convert(ckpts["mixed"], "gguf:q2_k", tmp_path / "g")
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.gate_proj .*Q2_K holds 2-bit codes, these reach 7"):
+        convert(low_ckpts["sym3"], "gguf:q2_k", tmp_path / "g")
+    with pytest.raises(ExportError, match=r"cannot be stored as Q3_K \(gguf:q3_k_s\): Q3_K holds q - zero in \[-4, 3\]"):
+        convert(low_ckpts["asym3"], "gguf:q3_k_s", tmp_path / "g")
     assert not (tmp_path / "g").exists()
 
 

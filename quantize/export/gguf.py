@@ -2,7 +2,7 @@
 tokenizer, and every quantized layer's codes in the ggml block type that llama.cpp's mix gives it.
 
 The rounding is ours: codes are copied, never re-rounded (see gguf_blocks for what each type keeps
-exactly and where our scales are rounded to a K-quant's 6-bit grid). Tensors we did not quantize
+exactly and where our scales are rounded to a K-quant's 4-, 6- or 8-bit grid). Tensors we did not quantize
 (embeddings, norms, a 16-bit lm_head, layers kept 16-bit) stay in the model's dtype. A layer whose codes
 do not fit the type its preset picks is refused with the layer, the type and the fix.
 """
@@ -18,16 +18,20 @@ from quantize.export.gguf_blocks import BlockError, encode
 from quantize.export.registry import ExportError, exporter
 from quantize.export.source import ExportSource
 
-# preset -> (base type, type for the "more bits" attn_v / ffn_down layers, llama.cpp file type name)
+# preset -> (base type, llama.cpp file type name); the per-tensor mix is tensor_type's
 PRESETS = {
-    "q4_0": ("Q4_0", None, "MOSTLY_Q4_0"),
-    "q4_1": ("Q4_1", None, "MOSTLY_Q4_1"),
-    "q8_0": ("Q8_0", None, "MOSTLY_Q8_0"),
-    "q4_k_s": ("Q4_K", "Q5_K", "MOSTLY_Q4_K_S"),
-    "q4_k_m": ("Q4_K", "Q6_K", "MOSTLY_Q4_K_M"),
-    "q5_k_s": ("Q5_K", None, "MOSTLY_Q5_K_S"),
-    "q5_k_m": ("Q5_K", "Q6_K", "MOSTLY_Q5_K_M"),
-    "q6_k": ("Q6_K", None, "MOSTLY_Q6_K"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
+    "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"),
+    "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
+    "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
 }
 ARCHITECTURES = ("llama", "mistral")
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -39,16 +43,34 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(preset: str, name: str, layer: int | None, n_layers: int) -> str:
-    """The ggml type llama.cpp's quantizer gives a block linear layer (llama_tensor_get_type, for the
-    presets here): attn_v and ffn_down get more bits in the _M mixes (and the first layers in Q4_K_S)."""
-    base, more, _ = PRESETS[preset]
-    if more is None or layer is None or not name.endswith(("v_proj", "down_proj")):
+def tensor_type(preset: str, name: str, layer: int | None, n_layers: int, gqa: int = 1) -> str:
+    """The ggml type llama.cpp's quantizer gives a block linear layer (llama_tensor_get_type_impl in
+    src/llama-quant.cpp, for the presets here and a dense llama model): attn_v (v_proj), ffn_down
+    (down_proj) and attn_output (o_proj) get more bits in some mixes. ``gqa``: attention heads per
+    key/value head (llama.cpp's n_gqa). Not followed: llama.cpp's 70B-only bump of attn_v to Q5_K, and its
+    output.weight rule (we keep lm_head 16-bit, or in the base type where it was quantized)."""
+    base = PRESETS[preset][0]
+    if layer is None:
         return base
+    v, down, out = (name.endswith(s) for s in ("v_proj", "down_proj", "o_proj"))
+    more = _use_more_bits(layer, n_layers)
+    if preset == "q2_k":
+        if v:
+            return "Q4_K" if gqa >= 4 else "Q3_K"
+        return "Q3_K" if down or out else base
+    if preset == "q3_k_m":
+        if v:
+            return "Q5_K" if layer < 2 else "Q4_K"
+        if down:
+            return "Q5_K" if layer < n_layers // 16 else "Q4_K"
+        return "Q4_K" if out else base
+    if preset == "q3_k_l":
+        return "Q5_K" if v or down or out else base
     if preset == "q4_k_s":
-        limit = 4 if name.endswith("v_proj") else n_layers // 8
-        return more if layer < limit else base
-    return more if _use_more_bits(layer, n_layers) else base
+        return "Q5_K" if (v and layer < 4) or (down and layer < n_layers // 8) else base
+    if preset in ("q4_k_m", "q5_k_m"):
+        return "Q6_K" if (v or down) and more else base
+    return base
 
 
 def _layer_index(source: ExportSource, name: str) -> int | None:
@@ -137,7 +159,9 @@ def _tokenizer(writer, source: ExportSource, folder: Path) -> None:
 def _quantized(source: ExportSource, name: str, preset: str) -> tuple[np.ndarray, str]:
     w = source.layers[name]
     n_layers = source.config.num_hidden_layers
-    kind = tensor_type(preset, name, _layer_index(source, name), n_layers)
+    c = source.config
+    gqa = c.num_attention_heads // (getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+    kind = tensor_type(preset, name, _layer_index(source, name), n_layers, gqa)
     q, scales, zeros = w.q, w.scales, w.zeros
     rows = _rope_rows(name, q.shape[0], source.config)
     if rows is not None:
@@ -151,7 +175,7 @@ def _quantized(source: ExportSource, name: str, preset: str) -> tuple[np.ndarray
         ) from None
 
 
-@exporter("gguf", options=tuple(PRESETS), summary="llama.cpp GGUF; our codes in Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K blocks")
+@exporter("gguf", options=tuple(PRESETS), summary="llama.cpp GGUF; our codes in Q4_0/Q4_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K blocks")
 def write_gguf(source: ExportSource, folder: Path, option: str | None) -> None:
     import gguf
 
@@ -161,7 +185,7 @@ def write_gguf(source: ExportSource, folder: Path, option: str | None) -> None:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     path = folder / f"{source.name}-{option.upper()}.gguf"
     writer = gguf.GGUFWriter(path, "llama")
-    _metadata(writer, source, PRESETS[option][2])
+    _metadata(writer, source, PRESETS[option][1])
     _tokenizer(writer, source, folder)
     entries = [(k, None) for k in source.tensors] + [(f"{n}.weight", n) for n in source.layers]
     for key, layer in sorted(entries):
