@@ -220,9 +220,8 @@ GRID_TOL = {"Q2_K": (0.07, 0.05), "Q3_K": (0.02, 0.012), "Q4_K": (0.025, 0.02), 
 def _block_codes(data: np.ndarray, kind: str) -> np.ndarray:
     """The codes a Q2_K / Q3_K tensor stores, read by gguf-py: every block's scales set to 1 and its
     min to 0, so that dequantize returns q2 (Q2_K) or q3 - 4 (Q3_K) per weight."""
-    from gguf.quants import dequantize
-
     from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
 
     blocks = data.reshape(-1, 84 if kind == "Q2_K" else 110).copy()
     one = np.array([1.0], dtype=np.float16).view(np.uint8)
@@ -284,7 +283,7 @@ def test_gguf_mix_follows_llama_cpp():
     assert tensor_type("q4_k_s", "model.layers.2.self_attn.v_proj", 2, n) == "Q5_K"
     assert tensor_type("q4_0", "model.layers.0.mlp.down_proj", 0, n) == "Q4_0"
     # Q2_K / Q3_K mixes (llama_tensor_get_type_impl): attn_v, ffn_down, attn_output get more bits
-    t = lambda preset, proj, i, gqa=1: tensor_type(preset, f"model.layers.{i}.{proj}", i, n, gqa)  # noqa: E731
+    t = lambda preset, proj, i, gqa=1: tensor_type(preset, f"model.layers.{i}.{proj}", i, n, gqa)
     assert [t("q2_k", p, 9) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj")] == ["Q2_K", "Q3_K", "Q3_K", "Q3_K"]
     assert t("q2_k", "self_attn.v_proj", 9, gqa=4) == "Q4_K"
     assert {t("q3_k_s", p, i) for p in ("self_attn.v_proj", "mlp.down_proj", "self_attn.o_proj") for i in range(n)} == {"Q3_K"}
@@ -330,7 +329,7 @@ def test_gguf_q2_k_loads_in_transformers_near_our_logits(low_ckpts, tmp_path):
     with torch.no_grad():
         got, want, unquantized = model(ids).logits, ref(ids).logits, full(ids).logits
     spread = (want - want.mean(-1, keepdim=True)).pow(2).mean().sqrt()
-    rms = lambda x: x.pow(2).mean().sqrt()  # noqa: E731
+    rms = lambda x: x.pow(2).mean().sqrt()
     assert (got - want).abs().max() <= 0.06 * want.abs().max(), (got - want).abs().max()
     assert rms(got - want) <= 0.05 * spread, rms(got - want) / spread
     assert rms(got - want) <= 0.1 * rms(unquantized - want)
