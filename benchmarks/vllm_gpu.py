@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -149,12 +150,8 @@ def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
             hf.append(tok.decode(model.generate(ids, max_new_tokens=tokens, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True))
         del model
         torch.cuda.empty_cache()
-        cmd = [sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", dtype, "--new-tokens", str(tokens)]
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
-        except subprocess.TimeoutExpired:
-            vl = {"error": "timed out"}
+        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", dtype, "--new-tokens", str(tokens)], 300)
+        vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
         result[dtype] = {"transformers": hf, "vllm": vl, "equal": hf == vl.get("text")}
     return result
 
@@ -169,6 +166,20 @@ def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
     kernels = llm.apply_model(lambda m: sorted({getattr(mod, "quant_kernel", type(None)).__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
     outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
     return {"text": [o.outputs[0].text for o in outs], "kernels": kernels}
+
+
+def run_row(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """One engine in its own process group: the engine runs in that process (so apply_model can take a
+    lambda), and a timeout kills all of it, leaving the GPU free for the next row."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return subprocess.CompletedProcess(cmd, -1, stdout, stderr + f"\ntimed out after {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def main() -> None:
@@ -218,11 +229,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
         t0 = time.time()
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"}, timeout=args.row_timeout)
-        except subprocess.TimeoutExpired as e:
-            out = subprocess.CompletedProcess(cmd, -1, (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""),
-                                              f"timed out after {args.row_timeout} s")
+        out = run_row(cmd, args.row_timeout)
         log = (out.stdout + out.stderr).splitlines()
         picked = [line for line in log if ("Using" in line and ("Kernel" in line or "kernel" in line)) or "quantize.kernels" in line]
         if out.returncode:

@@ -12,6 +12,7 @@ Shard arithmetic, for a layer that holds ``K`` inputs and ``N`` outputs of this 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from fractions import Fraction
@@ -100,10 +101,12 @@ def marlin_kernel(scheme: Scheme, layout: str, in_per_rank: int, out_per_rank: i
     MarlinLinearKernel, MPLinearLayerConfig = module.MarlinLinearKernel, module.MPLinearLayerConfig
     from vllm.scalar_type import scalar_types
 
+    # vLLM up to 0.26 also asks whether the layer has an activation-order index (never, here).
+    legacy = {"has_g_idx": False} if "has_g_idx" in {f.name for f in dataclasses.fields(MPLinearLayerConfig)} else {}
     config = MPLinearLayerConfig(
         full_weight_shape=(in_full, out_full), partition_weight_shape=(in_per_rank, out_per_rank),
         weight_type=scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128,
-        act_type=act_dtype, group_size=scheme.group_size, zero_points=False,
+        act_type=act_dtype, group_size=scheme.group_size, zero_points=False, **legacy,
     )
     ok, _ = MarlinLinearKernel.can_implement(config)
     if not ok:
