@@ -26,12 +26,14 @@ class QuantizationResult:
 
 
 @torch.no_grad()
-def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int, amp: bool) -> torch.Tensor:
-    outs = []
+def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int, amp: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``block`` over ``x`` batch by batch, into ``out`` (which may be ``x`` itself: each batch's output
+    depends only on that batch, so the inputs can be overwritten as they are consumed)."""
+    out = torch.empty_like(x) if out is None else out
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        for chunk in x.split(batch):
-            outs.append(block_output(block(chunk, **kwargs)).to(x.dtype))
-    return torch.cat(outs)
+        for src, dst in zip(x.split(batch), out.split(batch)):
+            dst.copy_(block_output(block(src, **kwargs)))
+    return out
 
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
@@ -69,7 +71,10 @@ def quantize_model(
         prefix = blocks.name(i) + "."
         layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
         block.to(device, dtype)
-        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp)
+        # Two sets of activations live on the device, not three: the full-precision inputs become the
+        # targets in place, unless the tuning inputs are the same tensor.
+        shared = q_inputs is fp_inputs
+        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs)
         _check_finite(targets, f"after block {i}")
         if layers:
             tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
@@ -79,8 +84,8 @@ def quantize_model(
                 f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
                 f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
             )
-        if cfg.quantized_inputs and (layers or q_inputs is not fp_inputs):
-            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp)
+        if cfg.quantized_inputs and (layers or not shared):
+            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs)
         else:
             q_inputs = targets
         fp_inputs = targets
