@@ -32,8 +32,8 @@ everything else (larger M, float16/float32 activations) goes to the Triton path,
 from __future__ import annotations
 
 import torch
-from quantize.kernels.dispatch import LinearSpec, register_kernel
 
+from quantize.kernels.dispatch import LinearSpec, register_kernel
 from quantize.packing import PackedLinear, unpack
 
 GROUP_SIZES = (32, 64, 128, 256)
