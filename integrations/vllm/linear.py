@@ -1,5 +1,5 @@
 """The linear method of the vLLM plugin: packed parameters that vLLM's weight loaders can shard, and
-compute through quantize.kernels.
+compute through vLLM's Marlin (CUDA, sym 4/8-bit) or quantize.kernels (everything else).
 
 Shard arithmetic, for a layer that holds ``K`` inputs and ``N`` outputs of this rank:
 - qweight of the gptq / native layouts is packed along K (``K*b/32`` rows), so a row-parallel shard is
