@@ -101,6 +101,11 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
                 (forced / f.name).symlink_to(f.resolve())
 
 
+def kernels_in_use(llm) -> list[str]:
+    """The kernel classes the plugin's layers compute with (Marlin's, or quantize.kernels entries)."""
+    return llm.apply_model(lambda m: sorted({mod.quant_kernel.__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
+
+
 def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len: int, new_tokens: int, ttft_len: int) -> dict:
     """One engine, in this process: decode tokens/s per batch size, TTFT, and the linear methods in use."""
     from vllm import LLM, SamplingParams
@@ -108,7 +113,7 @@ def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len
     llm = LLM(model=str(ckpt), quantization=quantization, max_model_len=ttft_len + 64, gpu_memory_utilization=0.5,
               max_num_seqs=max(batches), seed=0)
     methods = llm.apply_model(lambda m: sorted({type(mod.quant_method).__name__ for mod in m.modules() if getattr(mod, "quant_method", None) is not None}))[0]
-    kernels = llm.apply_model(lambda m: sorted({getattr(mod, "quant_kernel", type(None)).__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
+    kernels = kernels_in_use(llm)
     prompt = {"prompt_token_ids": [(7 * i) % 8000 + 10 for i in range(prompt_len)]}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate([prompt] * max(batches), SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -163,7 +168,7 @@ def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=ckpt, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, seed=0)
-    kernels = llm.apply_model(lambda m: sorted({getattr(mod, "quant_kernel", type(None)).__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
+    kernels = kernels_in_use(llm)
     outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
     return {"text": [o.outputs[0].text for o in outs], "kernels": kernels}
 

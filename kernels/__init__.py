@@ -9,6 +9,7 @@ from quantize.kernels import (
 from quantize.kernels.dispatch import (
     KERNELS,
     LinearSpec,
+    kernel_state,
     register_kernel,
     select_kernel,
 )
@@ -18,4 +19,4 @@ try:  # Triton kernels where Triton is installed (CUDA; its interpreter runs the
 except ImportError:
     pass
 
-__all__ = ["KERNELS", "LinearSpec", "register_kernel", "select_kernel"]
+__all__ = ["KERNELS", "LinearSpec", "kernel_state", "register_kernel", "select_kernel"]

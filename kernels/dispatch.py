@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantize.packing import PACKED_TENSORS
+
 log = logging.getLogger("quantize.kernels")
 
 
@@ -31,6 +33,14 @@ class LinearSpec:
 # ``apply(spec, state, x, bias)``; ``priority`` (higher wins) orders the candidates.
 KERNELS: dict[str, type] = {}
 _announced: set[tuple] = set()
+
+
+def kernel_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What ``apply`` reads for one layer: its checkpoint tensors, overridden by the tensors the kernel's
+    ``prepare`` derived (held as buffers named ``k_<key>``)."""
+    state = {name: getattr(module, name) for name in PACKED_TENSORS}
+    state.update({k[2:]: t for k, t in module._buffers.items() if k.startswith("k_")})
+    return state
 
 
 def register_kernel(name: str):

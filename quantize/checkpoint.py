@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quantize.packing import PACKED_TENSORS, packed_shapes
 from quantize.scheme import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, Scheme, match_name
 
 QUANT_METHOD = "auto-round"
@@ -24,6 +25,27 @@ _ACT_KEYS = ("act_bits",)
 
 class ConfigError(ValueError):
     """A malformed or unsupported quantization_config; the message names the field (and layer)."""
+
+
+def is_auto_round(quant_method) -> bool:
+    """Intel writes "auto-round"; "auto_round" is accepted as the same method."""
+    return str(quant_method).replace("_", "-") == QUANT_METHOD
+
+
+def check_layer_tensors(name: str, layout: str, bits: int, group_size: int, in_features: int, out_features: int, shapes: dict) -> None:
+    """Every packed tensor of layer ``name`` present in ``shapes`` (tensor name -> shape) with the shape its
+    scheme implies; refused naming the layer and the tensor otherwise."""
+    groups = 1 if group_size == -1 else in_features // group_size
+    expected = packed_shapes(layout, bits, in_features, out_features, groups)
+    for tensor in PACKED_TENSORS:
+        key = f"{name}.{tensor}"
+        if key not in shapes:
+            raise ConfigError(f"layer {name}: tensor {key} is missing from the checkpoint")
+        if tuple(shapes[key]) != expected[tensor]:
+            raise ConfigError(
+                f"layer {name}: tensor {key} has shape {list(shapes[key])}, expected {list(expected[tensor])} for "
+                f"bits={bits}, group_size={group_size}, layout {layout} ({in_features} -> {out_features})"
+            )
 
 
 def packing_format_for(schemes: list[Scheme]) -> str:
@@ -78,8 +100,7 @@ class CheckpointConfig:
     def from_dict(cls, d: dict) -> "CheckpointConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"quantization_config must be a JSON object, got {type(d).__name__}")
-        method = str(d.get("quant_method", "")).replace("_", "-")
-        if method != QUANT_METHOD:
+        if not is_auto_round(d.get("quant_method", "")):
             raise ConfigError(f"quant_method={d.get('quant_method')!r}: expected {QUANT_METHOD!r}")
         for key in ("bits", "group_size", "sym"):
             if key not in d:

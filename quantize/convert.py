@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from quantize.checkpoint import CheckpointConfig, ConfigError
+from quantize.checkpoint import CheckpointConfig, ConfigError, check_layer_tensors
 from quantize.export import registry
 from quantize.export.atomic import check_output_dir
 from quantize.export.source import ExportSource, linear_shapes_of
 from quantize.model import UserError
-from quantize.packing import PackedLinear, packed_shapes, unpack
+from quantize.packing import PACKED_TENSORS, PackedLinear, unpack
 from quantize.signround import QuantizedWeight
-
-PACKED = ("qweight", "qzeros", "scales")
 
 
 def _read_config(path: Path) -> dict:
@@ -42,15 +40,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpack_layer(name: str, scheme, layout: str, tensors: dict, out_features: int, in_features: int) -> QuantizedWeight:
-    groups = 1 if scheme.group_size == -1 else in_features // scheme.group_size
-    expected = packed_shapes(layout, scheme.bits, in_features, out_features, groups)
-    for field in PACKED:
-        t = tensors.get(f"{name}.{field}")
-        if t is None:
-            raise ConfigError(f"layer {name}: tensor {name}.{field} is missing from the checkpoint")
-        if tuple(t.shape) != expected[field]:
-            raise ConfigError(f"layer {name}: {name}.{field} has shape {list(t.shape)}, expected {list(expected[field])} for bits={scheme.bits}, group_size={scheme.group_size}")
-    packed = PackedLinear(*(tensors.pop(f"{name}.{f}") for f in PACKED))
+    shapes = {f"{name}.{f}": tuple(tensors[f"{name}.{f}"].shape) for f in PACKED_TENSORS if f"{name}.{f}" in tensors}
+    check_layer_tensors(name, layout, scheme.bits, scheme.group_size, in_features, out_features, shapes)
+    packed = PackedLinear(*(tensors.pop(f"{name}.{f}") for f in PACKED_TENSORS))
     q, scales, zeros = unpack(layout, packed, scheme.bits, in_features, out_features)
     return QuantizedWeight(q, scales.to(torch.float16), zeros, scheme)
 

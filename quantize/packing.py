@@ -73,6 +73,10 @@ def _awq_deinterleave(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*lead, n // 8, 8)[..., inverse].reshape(*lead, n)
 
 
+# The checkpoint names of one quantized layer's tensors (the fields of PackedLinear).
+PACKED_TENSORS = ("qweight", "qzeros", "scales")
+
+
 @dataclass(frozen=True)
 class PackedLinear:
     """The tensors one quantized linear layer is stored as (names as in the checkpoint)."""

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantize.kernels import LinearSpec, select_kernel
+from quantize.kernels import LinearSpec, kernel_state, select_kernel
 from quantize.packing import packed_shapes
 
-PACKED = ("qweight", "qzeros", "scales")
 
 
 class QuantLinear(nn.Module):
@@ -38,7 +37,4 @@ class QuantLinear(nn.Module):
             self.register_buffer(f"k_{key}", t, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernel's derived tensors override the checkpoint's (e.g. a repacked qweight).
-        state = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}
-        state.update({k[2:]: t for k, t in self._buffers.items() if k.startswith("k_")})
-        return self.kernel.apply(self.spec, state, x, self.bias)
+        return self.kernel.apply(self.spec, kernel_state(self), x, self.bias)

@@ -7,11 +7,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
-from quantize.checkpoint import ConfigError
+from quantize.checkpoint import ConfigError, check_layer_tensors
 from quantize.kernels import LinearSpec
 from quantize.packing import layout_fits
 
-from quantize.integrations.transformers.modules import PACKED, QuantLinear
+from quantize.integrations.transformers.modules import QuantLinear
 
 
 def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -> int:
@@ -54,18 +54,9 @@ def check_tensors(model: nn.Module, checkpoint_files: list[str]) -> None:
     if not shapes:
         return
     for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear):
-            continue
-        s = module.spec
-        for field in PACKED:
-            key, expected = f"{name}.{field}", tuple(getattr(module, field).shape)
-            if key not in shapes:
-                raise ConfigError(f"layer {name}: tensor {key} is missing from the checkpoint")
-            if shapes[key] != expected:
-                raise ConfigError(
-                    f"layer {name}: tensor {key} has shape {list(shapes[key])}, expected {list(expected)} for "
-                    f"bits={s.bits}, group_size={s.group_size}, layout {s.layout} ({s.in_features} -> {s.out_features})"
-                )
+        if isinstance(module, QuantLinear):
+            s = module.spec
+            check_layer_tensors(name, s.layout, s.bits, s.group_size, s.in_features, s.out_features, shapes)
 
 
 class AutoRoundQuantizer(HfQuantizer):

@@ -12,13 +12,9 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError
+from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError, is_auto_round
 from quantize.integrations.vllm.linear import AutoRoundLinearMethod
 from quantize.scheme import Scheme
-
-# Spellings of the checkpoint's quant_method this plugin takes (Intel writes "auto-round").
-_OUR_METHODS = {"auto-round", "auto_round"}
-
 
 def part_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
     """The checkpoint layer names behind a vLLM layer: ``...qkv_proj`` is q_proj, k_proj and v_proj."""
@@ -80,7 +76,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None) -> str | None:
         # Take auto_round checkpoints unless the user named another method (e.g. vLLM's own "inc").
-        if hf_quant_cfg.get("quant_method") in _OUR_METHODS and user_quant in (None, QUANT_METHOD):
+        if is_auto_round(hf_quant_cfg.get("quant_method")) and user_quant in (None, QUANT_METHOD):
             return QUANT_METHOD
         return None
 

@@ -27,7 +27,8 @@ from vllm.model_executor.parameter import (
 )
 
 from quantize.checkpoint import ConfigError
-from quantize.kernels import LinearSpec, select_kernel
+from quantize.kernels import LinearSpec, kernel_state, select_kernel
+from quantize.packing import PACKED_TENSORS
 from quantize.scheme import Scheme
 
 
@@ -147,33 +148,31 @@ class AutoRoundLinearMethod(LinearMethodBase):
         layer.quant_spec = LinearSpec(
             self.scheme.bits, self.scheme.group_size, self.scheme.sym, self.layout, input_size_per_partition, out_per_rank
         )
-        layer.quant_shapes = (input_size_per_partition, out_per_rank, input_size, output_size, params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         spec = layer.quant_spec
         if self.force_kernel in (None, "marlin"):
-            self.marlin = marlin_kernel(self.scheme, self.layout, *layer.quant_shapes, layer.qweight.device)
+            self.marlin = marlin_kernel(self.scheme, self.layout, spec.in_features, spec.out_features, layer.input_size,
+                                        layer.output_size, layer.params_dtype, layer.qweight.device)
             if self.marlin is None and self.force_kernel == "marlin":
                 raise ConfigError(f"layer {self.prefix}: vLLM's Marlin kernel cannot run {self.scheme.name} ({self.layout} layout) here")
         if self.marlin is not None:
             # Marlin wants scales in the activation dtype; the checkpoint stores float16.
-            layer.scales.data = layer.scales.data.to(layer.quant_shapes[-1])
+            layer.scales.data = layer.scales.data.to(layer.params_dtype)
             self.marlin.process_weights_after_loading(layer)
             layer.quant_kernel = type(self.marlin)
             return
         # Plain tensors from here on (vLLM's parameter subclasses only matter while loading).
-        for name in ("qweight", "qzeros", "scales"):
+        for name in PACKED_TENSORS:
             data = getattr(layer, name).data
             delattr(layer, name)
             layer.register_buffer(name, data)
         layer.quant_kernel = select_kernel(spec, layer.qweight.device, self.force_kernel)
         for key, t in layer.quant_kernel.prepare(spec, layer.qweight, layer.qzeros, layer.scales).items():
             # A kernel's own form of a checkpoint tensor replaces it (vLLM never saves these layers back).
-            layer.register_buffer(key if key in ("qweight", "qzeros", "scales") else f"k_{key}", t)
+            layer.register_buffer(key if key in PACKED_TENSORS else f"k_{key}", t)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.marlin is not None:
             return self.marlin.apply_weights(layer, x, bias)
-        state = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales}
-        state.update({k[2:]: t for k, t in layer._buffers.items() if k.startswith("k_")})
-        return layer.quant_kernel.apply(layer.quant_spec, state, x, bias)
+        return layer.quant_kernel.apply(layer.quant_spec, kernel_state(layer), x, bias)
