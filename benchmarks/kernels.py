@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +172,31 @@ def sweep(args, dev) -> None:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
-KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch")
+KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin")
+
+
+def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
+    """vLLM's Marlin kernel for this layer, prepared as the vLLM plugin prepares it (sym 4/8-bit, vLLM
+    installed): its tensors, plus the kernel object under "kernel"; or why it cannot run."""
+    try:
+        from quantize.integrations.vllm.linear import make_parameters, marlin_kernel
+    except ImportError as e:
+        return f"vLLM not importable ({e})"
+    from quantize.scheme import Scheme
+
+    scheme = Scheme(spec.bits, spec.group_size, spec.sym)
+    n, k = spec.out_features, spec.in_features
+    kernel = marlin_kernel(scheme, spec.layout, k, n, k, n, torch.bfloat16, device)
+    if kernel is None:
+        return "Marlin does not take this layer"
+    layer = torch.nn.Module()
+    for name, p in make_parameters(scheme, spec.layout, k, n, None).items():
+        p.data = ckpt[name].clone()
+        layer.register_parameter(name, p)
+    layer.scales.data = layer.scales.data.to(torch.bfloat16)
+    kernel.process_weights_after_loading(layer)
+    tensors = {name: getattr(layer, name) for name in ("qweight", "scales", "g_idx", "w_zp", "g_idx_sort_indices")}
+    return {**tensors, "kernel": kernel}
 
 
 def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels):
@@ -184,6 +209,16 @@ def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels
     ckpt = {"qweight": p.qweight.to(device), "qzeros": p.qzeros.to(device), "scales": p.scales.to(device)}
     states, shared = {}, None
     for name in kernels:
+        if name == "marlin":
+            try:
+                st = marlin_state(spec, ckpt, device)
+            except Exception as e:  # noqa: BLE001  (a benchmark row, not a product path: report and go on)
+                st = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            if isinstance(st, str):
+                print(f"  marlin: skipped ({st})")
+            else:
+                states[name] = st
+            continue
         cls = KERNELS["tinygemm" if name == "tinygemm-op" else name]
         why = cls.unsupported(spec, device)
         if why:
@@ -202,6 +237,9 @@ def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels
 def call(name: str, spec: LinearSpec, state: dict, x: torch.Tensor):
     if name == "tinygemm-op":  # the op itself at every M (to place the cutover)
         return lambda: tg.int4_mm(x, state["tg_weight"], spec.group_size, state["tg_sz"])
+    if name == "marlin":  # the kernel reads its tensors as attributes of a layer
+        layer = SimpleNamespace(**{key: t for key, t in state.items() if key != "kernel"})
+        return lambda: state["kernel"].apply_weights(layer, x, None)
     cls = KERNELS[name]
     return lambda: cls.apply(spec, state, x, None)
 
@@ -263,7 +301,7 @@ def main() -> None:
         if args.graph and m <= 64:
             # 8 copies of the weights (and of each distinct kernel state), so that L2 holds none of them
             distinct = {id(st): st for st in states.values()}
-            copies = [(w_ref.clone(), {i: {key: t.clone() for key, t in st.items()} for i, st in distinct.items()})
+            copies = [(w_ref.clone(), {i: {key: t.clone() if torch.is_tensor(t) else t for key, t in st.items()} for i, st in distinct.items()})
                       for _ in range(8)]
             row["graph_bf16_us"] = g_bf16 = graph_time([lambda c=c: F.linear(x, c[0]) for c in copies])
             line += f" (graph {g_bf16:.1f})"

@@ -22,13 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+START = time.time()
+
 SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
+FORCED = ("triton", "tinygemm")
 # row name -> (checkpoint, vLLM quantization argument)
 ROWS = {
     "bf16": ("bf16", None),
     "W4A16 vLLM built-in (inc)": ("W4A16", "inc"),
     "W4A16 plugin": ("W4A16", None),
     "W4A16 plugin (Triton)": ("W4A16-triton", None),
+    "W4A16 plugin (tinygemm)": ("W4A16-tinygemm", None),
     "W3A16 plugin": ("W3A16", None),
     "W2A16 plugin": ("W2A16", None),
 }
@@ -51,7 +55,7 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
               "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
               "mlp.down_proj": (hidden, inter)}
-    names = ["bf16"] + schemes  # W4A16-triton: the W4A16 tensors with our Triton kernel forced
+    names = ["bf16"] + schemes
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -90,15 +94,16 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
             save_file(shard[n], dirs[n] / f"model-layer{i:03d}.safetensors")
         print(f"layer {i + 1}/{layers} written", flush=True)
     if "W4A16" in schemes:
-        forced = work / "W4A16-triton"
-        shutil.rmtree(forced, ignore_errors=True)
-        forced.mkdir()
-        c = json.loads((dirs["W4A16"] / "config.json").read_text())
-        c["quantization_config"]["kernel"] = "triton"
-        (forced / "config.json").write_text(json.dumps(c, indent=2))
-        for f in dirs["W4A16"].iterdir():
-            if f.name != "config.json":
-                (forced / f.name).symlink_to(f.resolve())
+        for kernel in FORCED:  # the W4A16 tensors, with one of our kernels forced instead of Marlin
+            forced = work / f"W4A16-{kernel}"
+            shutil.rmtree(forced, ignore_errors=True)
+            forced.mkdir()
+            c = json.loads((dirs["W4A16"] / "config.json").read_text())
+            c["quantization_config"]["kernel"] = kernel
+            (forced / "config.json").write_text(json.dumps(c, indent=2))
+            for f in dirs["W4A16"].iterdir():
+                if f.name != "config.json":
+                    (forced / f.name).symlink_to(f.resolve())
 
 
 def kernels_in_use(llm) -> list[str]:
@@ -200,6 +205,9 @@ def main() -> None:
     p.add_argument("--ttft-len", type=int, default=2048)
     p.add_argument("--json", default=None)
     p.add_argument("--row-timeout", type=int, default=600, help="seconds one engine may take, start to finish")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="start no engine after this many seconds; rows already in --json are kept and not rerun, so "
+                        "a second run with the same --json finishes the table")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     p.add_argument("--greedy-vllm", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
@@ -219,11 +227,14 @@ def main() -> None:
 
     rows = [r for r in args.rows.split(",") if r]
     needed = list(SCHEMES)  # all of them, so that later calls on the same machine reuse the folder
-    if not all((work / n / "config.json").exists() for n in ["bf16", *needed]):
+    if not all((work / n / "config.json").exists() for n in ["bf16", *needed, *(f"W4A16-{k}" for k in FORCED)]):
         t0 = time.time()
         build_checkpoints(work, Path(args.tokenizer), args.layers, needed)
         print(f"checkpoints written in {time.time() - t0:.0f} s", flush=True)
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "layers": args.layers, "rows": {}}
+    if args.json and Path(args.json).exists():
+        info = json.loads(Path(args.json).read_text())
+        info["rows"] = {k: v for k, v in info["rows"].items() if "error" not in v}
     try:
         import vllm
 
@@ -231,6 +242,11 @@ def main() -> None:
     except ImportError:
         sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
     for row in rows:
+        if row in info["rows"]:
+            continue
+        if args.deadline is not None and time.time() - START > args.deadline:
+            print(f"deadline: {row} not started", flush=True)
+            continue
         cmd = [sys.executable, __file__, "--row", row, "--work", str(work), "--batches", args.batches, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--ttft-len", str(args.ttft_len)]
         t0 = time.time()
@@ -244,7 +260,7 @@ def main() -> None:
         print(row, json.dumps(info["rows"][row])[:600], flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
-    if args.reference:
+    if args.reference and "greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
         info["greedy"] = greedy_check(Path(args.reference), work)
         print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
         if args.json:

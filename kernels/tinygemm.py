@@ -23,7 +23,8 @@ turns it into int32 ``[N/8, K/(16*inner_k_tiles), 32, inner_k_tiles/2]``; K a mu
 The CPU op (``_convert_weight_to_int4pack_for_cpu`` takes int32 codes ``[N, K]``; ``..._mm_for_cpu``)
 has the same formula but its own layout; it runs :class:`TinygemmKernel` on the CPU in tests.
 
-Dispatch by M inside :meth:`TinygemmKernel.apply`: tinygemm for bf16 and ``M <= MAX_M`` (it tiles M
+Dispatch by M inside :meth:`TinygemmKernel.apply` (under torch.compile inside the ``quantize::int4_mm_by_m``
+op, so that one trace serves every M): tinygemm for bf16 and ``M <= MAX_M`` (it tiles M
 by 16 and re-reads the weight per M tile, so it loses to cuBLAS on dequantized weights at large M);
 everything else (larger M, float16/float32 activations) goes to the Triton path, whose tensors
 ``prepare`` also makes. No host synchronisation and nothing allocated but the outputs: CUDA-graph safe.
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from quantize.kernels.dispatch import LinearSpec, register_kernel
+from quantize.kernels.dispatch import KERNELS, LinearSpec, register_kernel
 from quantize.packing import PackedLinear, unpack
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -55,14 +56,27 @@ def inner_k_tiles(k: int) -> int | None:
 
 
 def _fallback():
-    try:
-        from quantize.kernels.triton_gemm import TritonKernel
+    """The kernel for the calls tinygemm does not take (checked to be available in ``unsupported``)."""
+    from quantize.kernels.triton_gemm import TritonKernel
 
-        return TritonKernel
-    except ImportError:  # no Triton: the portable path
-        from quantize.kernels.torch_ref import TorchKernel
+    return TritonKernel
 
-        return TorchKernel
+
+@torch.library.custom_op("quantize::int4_mm_by_m", mutates_args=())
+def int4_mm_by_m(x: torch.Tensor, tg_weight: torch.Tensor, tg_sz: torch.Tensor, qweight: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bf16 ``x @ W.T`` choosing tinygemm or Triton by M when called, not when traced: torch.compile (and
+    vLLM, which compiles once for every batch size) would otherwise bake in the branch of the traced M."""
+    if x.shape[0] <= MAX_M:
+        return int4_mm(x.contiguous(), tg_weight, group_size, tg_sz)
+    from quantize.kernels.triton_gemm import wq_matmul
+
+    return wq_matmul(x, qweight, scales, zeros, 4, group_size)
+
+
+@int4_mm_by_m.register_fake
+def _(x, tg_weight, tg_sz, qweight, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[1])
 
 
 def scales_and_zeros(scales_ng: torch.Tensor, zeros_ng: torch.Tensor) -> torch.Tensor:
@@ -126,6 +140,8 @@ class TinygemmKernel:
             return f"in_features {spec.in_features} is not a multiple of 32"
         if spec.out_features % 8:
             return f"out_features {spec.out_features} is not a multiple of 8"
+        if "triton" not in KERNELS:
+            return "needs Triton (its kernels take the float16/float32 and M > 16 calls)"
         return _fallback().unsupported(spec, device)
 
     @staticmethod
@@ -140,9 +156,14 @@ class TinygemmKernel:
     def apply(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.dtype != torch.bfloat16 or x2.shape[0] > MAX_M:
+        if x.dtype != torch.bfloat16:
             return _fallback().apply(spec, state, x, bias)
-        y = int4_mm(x2.contiguous(), state["tg_weight"], spec.group_size, state["tg_sz"])
+        if torch.compiler.is_compiling():
+            y = int4_mm_by_m(x2, state["tg_weight"], state["tg_sz"], state["qweight"], state["scales"], state["zeros"], spec.group_size)
+        elif x2.shape[0] > MAX_M:
+            return _fallback().apply(spec, state, x, bias)
+        else:
+            y = int4_mm(x2.contiguous(), state["tg_weight"], spec.group_size, state["tg_sz"])
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], spec.out_features)

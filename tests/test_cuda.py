@@ -135,3 +135,17 @@ def test_tinygemm_cuda_graph_replay():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, TinygemmKernel.apply(spec, state, x, None)), m
+
+
+def test_tinygemm_compiled_once_for_every_m():
+    # As vLLM compiles: one trace with a symbolic M, then both sides of MAX_M with no recompile.
+    spec, state, (q, s, z) = _layer(128, True, "gptq", 1024, 2048)
+    w = dequantize(q, s, z).cuda()
+    fn = torch.compile(lambda x: TinygemmKernel.apply(spec, state, x, None), dynamic=True)
+    torch._dynamo.reset()
+    for i, m in enumerate((3, tinygemm.MAX_M + 7, 1, 200)):
+        x = torch.randn(m, 2048, dtype=torch.bfloat16, device="cuda")
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            y = fn(x)
+        ref = x.float() @ w.t()
+        assert ((y.float() - ref).norm() / ref.norm()) < 1e-2, m

@@ -128,3 +128,31 @@ def test_unsupported_reasons():
                  LinearSpec(4, -1, True, "gptq", 256, 64), LinearSpec(4, 32, True, "gptq", 256, 60),
                  LinearSpec(8, 128, False, "auto_round", 256, 64)):
         assert TinygemmKernel.unsupported(spec, cuda), spec
+
+
+def test_compiled_layer_chooses_by_m_at_run_time(monkeypatch):
+    # Traced once with a symbolic M (as vLLM compiles), then run at M on both sides of MAX_M without
+    # recompiling: the choice happens inside the quantize::int4_mm_by_m op. The large-M side is Triton's
+    # wq_matmul, replaced here by a recorder (Triton's CPU interpreter has no bf16; test_cuda runs it).
+    triton_gemm = pytest.importorskip("quantize.kernels.triton_gemm")
+    spec, packed, (q, s, z) = case(64, True, "gptq", 64, 128)
+    state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
+    state.update(TinygemmKernel.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
+    w = dequantize(q, s, z)
+    large = []
+
+    def recorder(x, qweight, scales, zeros, bits, group_size):
+        large.append(x.shape[0])
+        return (x.float() @ w.t()).to(x.dtype)
+
+    monkeypatch.setattr(triton_gemm, "wq_matmul", recorder)
+    fn = torch.compile(lambda x: TinygemmKernel.apply(spec, state, x, None), backend="aot_eager", dynamic=True)
+    torch._dynamo.reset()
+    sizes = (3, tinygemm.MAX_M + 5, 2, tinygemm.MAX_M)
+    for i, m in enumerate(sizes):
+        x = torch.randn(m, 128).to(torch.bfloat16)
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            y = fn(x)
+        ref = x.float() @ w.t()
+        assert y.shape == (m, 64) and ((y.float() - ref).norm() / ref.norm()) < REL_TOL, m
+    assert large == [tinygemm.MAX_M + 5]
