@@ -175,6 +175,18 @@ def sweep(args, dev) -> None:
 KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin")
 
 
+def vllm_single_rank(device) -> None:
+    """vLLM's parallel state for one process (its parameters ask for their tensor-parallel rank)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        with set_current_vllm_config(VllmConfig()):
+            ps.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method="tcp://127.0.0.1:29533",
+                                            backend="nccl" if device.type == "cuda" else "gloo")
+            ps.initialize_model_parallel(1, 1)
+
+
 def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
     """vLLM's Marlin kernel for this layer, prepared as the vLLM plugin prepares it (sym 4/8-bit, vLLM
     installed): its tensors, plus the kernel object under "kernel"; or why it cannot run."""
@@ -189,6 +201,7 @@ def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
     kernel = marlin_kernel(scheme, spec.layout, k, n, k, n, torch.bfloat16, device)
     if kernel is None:
         return "Marlin does not take this layer"
+    vllm_single_rank(device)
     layer = torch.nn.Module()
     for name, p in make_parameters(scheme, spec.layout, k, n, None).items():
         p.data = ckpt[name].clone()
