@@ -180,9 +180,10 @@ def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
 
 def run_row(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
     """One engine in its own process group (a timeout kills all of it, leaving the GPU free for the next
-    row). vLLM runs as users run it: engine core in its own process, asynchronous scheduling; the engine
-    is allowed to receive the inspection lambdas of ``apply_model``."""
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    row). The engine core runs in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so apply_model can
+    take a lambda; on the GPU machine's vLLM 0.26 kit the default (engine core in a child process) did
+    not get past its post-autotune warm-up within 200 s, twice (benchmarks/NOTES.md)."""
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "INFO", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
