@@ -38,12 +38,11 @@ from quantize.kernels.dispatch import KERNELS, LinearSpec, register_kernel
 from quantize.packing import PackedLinear, unpack
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Largest M (rows of the flattened activation) sent to tinygemm. H100 benchmark (benchmarks/NOTES.md,
-# do_bench, eager launches): tinygemm 2.0-2.3x bf16 at M = 1 and 0.76-0.97x at M = 16 where Triton's
-# eager call was 0.35-0.48x; at M = 64 tinygemm (0.20-0.28x) loses to Triton (0.34-0.48x), and from
-# M = 256 it is 5-25x slower than dequantize + cuBLAS. Caveat: inside CUDA graphs (no launch cost)
-# Triton's M = 16 is faster (1.01-1.07x against tinygemm's 0.65-0.82x); M = 2..8 are not measured yet.
-MAX_M = 16
+# Largest M (rows of the flattened activation) sent to tinygemm. H100, per call inside CUDA graphs
+# (benchmarks/results/kernels_h100_w4_marlin_graph.json, W4 g128 on the four 7B/8B/70B shapes): tinygemm
+# 2.1-2.4x bf16 at M = 1-2, 1.7-1.9x at M = 4, 1.1-1.3x at M = 8 (Triton 1.10x: level or behind), and
+# 0.65-0.82x at M = 16 where Triton holds 1.03-1.07x. So M <= 8.
+MAX_M = 8
 U = 2.0**-8  # bf16 unit roundoff
 
 
@@ -141,7 +140,7 @@ class TinygemmKernel:
         if spec.out_features % 8:
             return f"out_features {spec.out_features} is not a multiple of 8"
         if "triton" not in KERNELS:
-            return "needs Triton (its kernels take the float16/float32 and M > 16 calls)"
+            return "needs Triton (its kernels take the float16/float32 and M > MAX_M calls)"
         return _fallback().unsupported(spec, device)
 
     @staticmethod

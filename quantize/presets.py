@@ -58,7 +58,8 @@ PRESETS: dict[str, TuneConfig] = {
     "auto-round": TuneConfig(iters=200, nsamples=128, seqlen=2048, batch_size=8),
     "auto-round-best": TuneConfig(iters=1000, nsamples=512, seqlen=2048, batch_size=8),
     "auto-round-light": TuneConfig(iters=50, lr=5e-3, nsamples=128, seqlen=2048, batch_size=8),
-    "rtn": TuneConfig(iters=0, nsamples=128, seqlen=2048, batch_size=8),
+    # Round-to-nearest needs no data: a few samples only measure each block's loss for the log.
+    "rtn": TuneConfig(iters=0, nsamples=8, seqlen=512, batch_size=8),
 }
 
 
@@ -66,4 +67,8 @@ def get_preset(name: str, **overrides) -> TuneConfig:
     """A preset with any field overridden (None means keep the preset's value)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("iters") == 0:  # any preset at iters 0 is RTN: no calibration set to capture
+        given = {"nsamples": PRESETS["rtn"].nsamples, "seqlen": PRESETS["rtn"].seqlen,
+                 "batch_size": PRESETS["rtn"].batch_size, **given}
+    return replace(PRESETS[name], **given)

@@ -30,6 +30,11 @@ def test_tune_presets():
     assert best.iters == 1000 and best.nsamples == 512
     assert light.iters == 50 and light.learning_rate == 5e-3 and light.minmax_learning_rate == 5e-3
     assert get_preset("auto-round", iters=50).learning_rate == pytest.approx(0.02)
+    # iters 0 is RTN under any preset: a small calibration set (only the logged block losses use it),
+    # unless asked for
+    rtn = get_preset("auto-round", iters=0)
+    assert (rtn.nsamples, rtn.seqlen) == (PRESETS["rtn"].nsamples, PRESETS["rtn"].seqlen) == (8, 512)
+    assert get_preset("auto-round", iters=0, nsamples=16).nsamples == 16
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("fast")
     with pytest.raises(ValueError, match="exceeds nsamples"):
