@@ -294,7 +294,7 @@ def test_gguf_mix_follows_llama_cpp():
 
 
 def test_gguf_loads_in_transformers_with_our_logits(ckpts, tmp_path):
-    """transformers' GGUF loader (the fallback consumer: llama-cpp-python does not build here in time)
+    """transformers' GGUF loader (a second consumer beside llama.cpp in e2e/test_gguf_llama_cpp.py)
     reads the whole file: names, q/k row order, tokenizer; logits match our dequantized model."""
     from transformers import AutoTokenizer
 

@@ -9,6 +9,8 @@ do not fit the type its preset picks is refused with the layer, the type and the
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,25 @@ def _metadata(writer, source: ExportSource, file_type: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _byte_level_regex(p: dict | None) -> bool:
+    return bool(p) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+
+
+def llama_cpp_pre(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer (how text is split before BPE): GPT-2's regex
+    ("gpt-2"), or digits split one by one before it (SmolLM's, "smollm"). Others get llama.cpp's
+    "default" split, with a warning: llama.cpp may then cut some text into other tokens."""
+    if _byte_level_regex(pre_tokenizer):
+        return "gpt-2"
+    parts = (pre_tokenizer or {}).get("pretokenizers", [])
+    if (pre_tokenizer or {}).get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Digits" \
+            and parts[0].get("individual_digits") and _byte_level_regex(parts[1]):
+        return "smollm"
+    warnings.warn(f"GGUF: llama.cpp has no known name for this tokenizer's pre-tokenizer ({json.dumps(pre_tokenizer)[:200]}); "
+                  "writing its 'default' split, which may tokenize some text differently from transformers", stacklevel=2)
+    return "default"
+
+
 def _tokenizer(writer, source: ExportSource, folder: Path) -> None:
     """The BPE vocabulary and merges (llama.cpp's "gpt2" tokenizer model), special tokens from the
     tokenizer's own files (gguf's SpecialVocab reads them)."""
@@ -133,9 +154,9 @@ def _tokenizer(writer, source: ExportSource, folder: Path) -> None:
         raise ExportError("GGUF needs the model's tokenizer as a fast (tokenizer.json) BPE tokenizer; this checkpoint has none")
     tok_dir = folder / ".tokenizer"
     tok.save_pretrained(tok_dir)
-    import json
 
-    model = json.loads((tok_dir / "tokenizer.json").read_text())["model"]
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    model = spec["model"]
     if model.get("type") != "BPE":
         raise ExportError(f"GGUF export handles BPE tokenizers (tokenizer.json), not {model.get('type')}: sentencepiece vocabularies are not written yet")
     vocab = tok.get_vocab()
@@ -147,7 +168,7 @@ def _tokenizer(writer, source: ExportSource, folder: Path) -> None:
         tokens.append(by_id.get(i, f"[PAD{i}]"))
         types.append(gguf.TokenType.CONTROL if i in special else (gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(llama_cpp_pre(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=size).add_to_gguf(writer, quiet=True)
