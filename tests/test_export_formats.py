@@ -335,6 +335,29 @@ def test_gguf_q2_k_loads_in_transformers_near_our_logits(low_ckpts, tmp_path):
     assert rms(got - want) <= 0.1 * rms(unquantized - want)
 
 
+def test_gguf_refuses_sentencepiece_style_vocabularies(ckpts, tmp_path):
+    import shutil
+
+    src = shutil.copytree(ckpts["sym"], tmp_path / "spm")
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # as Llama-2 / Mistral tokenizer.json files have
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ExportError, match="SentencePiece-style"):
+        convert(src, "gguf:q4_0", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+def test_gguf_pre_tokenizer_names():
+    from quantize.export.gguf import llama_cpp_pre
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert llama_cpp_pre(byte_level) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert llama_cpp_pre({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    with pytest.warns(UserWarning, match="no known name"):
+        assert llama_cpp_pre({"type": "Sequence", "pretokenizers": [{"type": "Split"}, byte_level]}) == "default"
+
+
 def test_gguf_refuses_codes_it_cannot_hold(ckpts, tmp_path):
     with pytest.raises(ExportError, match=r"model\.layers\.0\.mlp\.down_proj .*Q4_0"):
         convert(ckpts["mixed"], "gguf:q4_0", tmp_path / "g")

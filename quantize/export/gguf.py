@@ -159,6 +159,12 @@ def _tokenizer(writer, source: ExportSource, folder: Path) -> None:
     model = spec["model"]
     if model.get("type") != "BPE":
         raise ExportError(f"GGUF export handles BPE tokenizers (tokenizer.json), not {model.get('type')}: sentencepiece vocabularies are not written yet")
+    if model.get("byte_fallback") or "Metaspace" in json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer"), spec.get("decoder")]):
+        # llama.cpp reads such a vocabulary as its "llama" (SentencePiece) model, with scores and byte
+        # tokens; writing it as GPT-2 BPE would load and then tokenize wrongly.
+        raise ExportError("GGUF export writes byte-level (GPT-2 style) BPE vocabularies; this tokenizer is SentencePiece-style "
+                          "(byte fallback / Metaspace, as Llama-2 and Mistral use), which is not written yet: export another "
+                          "format, or convert the fake export with llama.cpp's convert_hf_to_gguf.py")
     vocab = tok.get_vocab()
     size = source.config.vocab_size
     by_id = {i: t for t, i in vocab.items()}
