@@ -38,8 +38,10 @@ ROWS = {
 }
 
 
-def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[str]) -> None:
-    """bf16 and RTN-quantized checkpoints of one random 7B-shaped model, written tensor by tensor."""
+def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[str], hidden: int = 4096, inter: int = 11008,
+                      heads: int = 32) -> None:
+    """bf16 and RTN-quantized checkpoints of one random model (Llama-2-7B-shaped by default), written tensor
+    by tensor."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -48,7 +50,6 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
     from quantize.numerics import quantize_weight
     from quantize.packing import pack
 
-    hidden, inter, heads = 4096, 11008, 32
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=heads, vocab_size=8192, max_position_embeddings=4096, torch_dtype="bfloat16",
                       tie_word_embeddings=False)
@@ -75,8 +76,14 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
 
     common = {"model.embed_tokens.weight": rand(8192, hidden), "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
               "lm_head.weight": rand(8192, hidden)}
+    weight_map = {n: {} for n in names}  # for model.safetensors.index.json (transformers needs it; vLLM globs)
+
+    def save(n: str, tensors: dict, file: str) -> None:
+        save_file(tensors, dirs[n] / file)
+        weight_map[n].update(dict.fromkeys(tensors, file))
+
     for n in names:
-        save_file({k: v.cpu() for k, v in common.items()}, dirs[n] / "model-common.safetensors")
+        save(n, {k: v.cpu() for k, v in common.items()}, "model-common.safetensors")
     for i in range(layers):
         shard = {n: {} for n in names}
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -91,8 +98,10 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
                 p = pack("gptq", q, s, z, SCHEMES[n])
                 shard[n].update({f"{key}.qweight": p.qweight.cpu(), f"{key}.qzeros": p.qzeros.cpu(), f"{key}.scales": p.scales.cpu()})
         for n in names:
-            save_file(shard[n], dirs[n] / f"model-layer{i:03d}.safetensors")
+            save(n, shard[n], f"model-layer{i:03d}.safetensors")
         print(f"layer {i + 1}/{layers} written", flush=True)
+    for n in names:
+        (dirs[n] / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map[n]}, indent=1))
     if "W4A16" in schemes:
         for kernel in FORCED:  # the W4A16 tensors, with one of our kernels forced instead of Marlin
             forced = work / f"W4A16-{kernel}"

@@ -1,0 +1,44 @@
+"""The vLLM GPU benchmark's checkpoints (benchmarks/vllm_gpu.py), written at a tiny shape: every folder
+loads in transformers (the quantized ones through this project's integration), names its architecture
+(vLLM needs it), the forced-kernel copies carry their kernel, and the quantized models stay close to the
+bf16 one (RTN of the same random weights)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import quantize  # noqa: F401  (registers the auto-round loader)
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_gpu.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("vllm_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_checkpoints_load_and_agree(gutenberg, tmp_path):
+    bench = _bench()
+    bench.build_checkpoints(tmp_path, gutenberg, layers=1, schemes=list(bench.SCHEMES), hidden=256, inter=512, heads=4)
+    names = {"bf16", *bench.SCHEMES, *(f"W4A16-{k}" for k in bench.FORCED)}
+    assert {p.name for p in tmp_path.iterdir()} == names
+    ids = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263]])
+    logits = {}
+    for name in sorted(names):
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"], name
+        if name.startswith("W4A16-"):
+            assert cfg["quantization_config"]["kernel"] == name.split("-", 1)[1]
+            continue  # the same tensors as W4A16; the forced kernels are CUDA-only
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    ref = logits.pop("bf16")
+    err = {name: ((got - ref).norm() / ref.norm()).item() for name, got in logits.items()}
+    assert err["W4A16"] < err["W3A16"] < err["W2A16"], err  # fewer bits, further from bf16
+    assert err["W4A16"] < 0.2, err
