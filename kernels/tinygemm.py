@@ -23,8 +23,8 @@ turns it into int32 ``[N/8, K/(16*inner_k_tiles), 32, inner_k_tiles/2]``; K a mu
 The CPU op (``_convert_weight_to_int4pack_for_cpu`` takes int32 codes ``[N, K]``; ``..._mm_for_cpu``)
 has the same formula but its own layout; it runs :class:`TinygemmKernel` on the CPU in tests.
 
-Dispatch by M inside :meth:`TinygemmKernel.apply` (under torch.compile inside the ``quantize::int4_mm_by_m``
-op, so that one trace serves every M): tinygemm for bf16 and ``M <= MAX_M`` (it tiles M
+Dispatch by M in :func:`mm_by_m` (under torch.compile wrapped as the ``quantize::int4_mm_by_m`` op, so
+that one trace serves every M): tinygemm for bf16 and ``M <= MAX_M`` (it tiles M
 by 16 and re-reads the weight per M tile, so it loses to cuBLAS on dequantized weights at large M);
 everything else (larger M, float16/float32 activations) goes to the Triton path, whose tensors
 ``prepare`` also makes. No host synchronisation and nothing allocated but the outputs: CUDA-graph safe.
@@ -61,16 +61,23 @@ def _fallback():
     return TritonKernel
 
 
-@torch.library.custom_op("quantize::int4_mm_by_m", mutates_args=())
-def int4_mm_by_m(x: torch.Tensor, tg_weight: torch.Tensor, tg_sz: torch.Tensor, qweight: torch.Tensor,
-                 scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """bf16 ``x @ W.T`` choosing tinygemm or Triton by M when called, not when traced: torch.compile (and
-    vLLM, which compiles once for every batch size) would otherwise bake in the branch of the traced M."""
+def mm_by_m(x: torch.Tensor, tg_weight: torch.Tensor, tg_sz: torch.Tensor, qweight: torch.Tensor,
+            scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bf16 2-D ``x @ W.T``: tinygemm up to MAX_M rows, Triton above."""
     if x.shape[0] <= MAX_M:
         return int4_mm(x.contiguous(), tg_weight, group_size, tg_sz)
     from quantize.kernels.triton_gemm import wq_matmul
 
     return wq_matmul(x, qweight, scales, zeros, 4, group_size)
+
+
+@torch.library.custom_op("quantize::int4_mm_by_m", mutates_args=())
+def int4_mm_by_m(x: torch.Tensor, tg_weight: torch.Tensor, tg_sz: torch.Tensor, qweight: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`mm_by_m` as an opaque operator, so that it chooses by M when called, not when traced:
+    torch.compile (and vLLM, which compiles once for every batch size) would otherwise bake in the branch
+    of the traced M."""
+    return mm_by_m(x, tg_weight, tg_sz, qweight, scales, zeros, group_size)
 
 
 @int4_mm_by_m.register_fake
@@ -157,12 +164,9 @@ class TinygemmKernel:
         x2 = x.reshape(-1, shape[-1])
         if x.dtype != torch.bfloat16:
             return _fallback().apply(spec, state, x, bias)
-        if torch.compiler.is_compiling():
-            y = int4_mm_by_m(x2, state["tg_weight"], state["tg_sz"], state["qweight"], state["scales"], state["zeros"], spec.group_size)
-        elif x2.shape[0] > MAX_M:
-            return _fallback().apply(spec, state, x, bias)
-        else:
-            y = int4_mm(x2.contiguous(), state["tg_weight"], spec.group_size, state["tg_sz"])
+        # The op only where torch.compile traces; eager calls skip its Python dispatch (as in TritonKernel.apply)
+        matmul = int4_mm_by_m if torch.compiler.is_compiling() else mm_by_m
+        y = matmul(x2, state["tg_weight"], state["tg_sz"], state["qweight"], state["scales"], state["zeros"], spec.group_size)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], spec.out_features)
