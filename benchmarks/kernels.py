@@ -31,13 +31,22 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192)]  # (N, K)
 MS = [1, 16, 64, 256, 1024]
 
 
-def make(bits: int, group: int, n: int, k: int, device):
+def random_layer(bits: int, group: int, sym: bool, n: int, k: int, device):
+    """A random layer, RTN-quantized: its spec, its checkpoint tensors on ``device`` (gptq layout for sym,
+    auto_round for asym) and the bf16 dequantized weight."""
     w = torch.randn(n, k, device=device) * 0.02
-    q, s, z = quantize_weight(w, bits, group, sym=True)
-    p = pack("gptq", q.cpu(), s.cpu(), z.cpu(), bits)
-    qweight, zeros = kernel_form(LinearSpec(bits, group, True, "gptq", k, n), p.qweight, p.qzeros, p.scales)
-    w_ref = dequantize(q, s, z, torch.bfloat16)
-    return qweight.to(device), p.scales.to(device), zeros.to(device), w_ref
+    q, s, z = quantize_weight(w, bits, group, sym=sym)
+    layout = "gptq" if sym else "auto_round"
+    p = pack(layout, q.cpu(), s.cpu(), z.cpu(), bits)
+    ckpt = {"qweight": p.qweight.to(device), "qzeros": p.qzeros.to(device), "scales": p.scales.to(device)}
+    return LinearSpec(bits, group, sym, layout, k, n), ckpt, dequantize(q, s, z, torch.bfloat16)
+
+
+def make(bits: int, group: int, n: int, k: int, device):
+    """A random sym layer in the Triton kernel's form: (qweight, scales, zeros, bf16 weight)."""
+    spec, ckpt, w_ref = random_layer(bits, group, True, n, k, device)
+    qweight, zeros = kernel_form(spec, *ckpt.values())
+    return qweight, ckpt["scales"], zeros, w_ref
 
 
 def bench(fn, warmup=25, rep=100) -> float:
@@ -213,13 +222,8 @@ def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
 
 
 def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels):
-    """A checkpoint layer (gptq layout for sym, auto_round for asym) and each kernel's state for it."""
-    w = torch.randn(n, k, device=device) * 0.02
-    q, s, z = quantize_weight(w, bits, group, sym=sym)
-    layout = "gptq" if sym else "auto_round"
-    p = pack(layout, q.cpu(), s.cpu(), z.cpu(), bits)
-    spec = LinearSpec(bits, group, sym, layout, k, n)
-    ckpt = {"qweight": p.qweight.to(device), "qzeros": p.qzeros.to(device), "scales": p.scales.to(device)}
+    """A random layer (:func:`random_layer`) and each kernel's state for it."""
+    spec, ckpt, w_ref = random_layer(bits, group, sym, n, k, device)
     states, shared = {}, None
     for name in kernels:
         if name == "marlin":
@@ -244,7 +248,7 @@ def make_layer(bits: int, group: int, sym: bool, n: int, k: int, device, kernels
             states[name] = shared
             continue
         states[name] = {**ckpt, **cls.prepare(spec, *ckpt.values())}
-    return spec, states, dequantize(q, s, z, torch.bfloat16)
+    return spec, states, w_ref
 
 
 def call(name: str, spec: LinearSpec, state: dict, x: torch.Tensor):
