@@ -15,6 +15,18 @@ GUTENBERG = SHARED / "models" / "gutenberg-llama-29m"
 CALIB = SHARED / "data" / "gutenberg" / "calib.txt"
 
 
+def random_4bit_layer(group_size: int, sym: bool, layout: str, n: int, k: int, seed: int = 0):
+    """A random ``[n, k]`` weight RTN-quantized to 4 bits and packed: (spec, packed tensors, (q, scales, zeros))."""
+    from quantize.kernels import LinearSpec
+    from quantize.numerics import quantize_weight
+    from quantize.packing import pack
+
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.02
+    q, scales, zeros = quantize_weight(w, 4, group_size, sym)
+    return LinearSpec(4, group_size, sym, layout, k, n), pack(layout, q, scales, zeros, 4), (q, scales, zeros)
+
+
 def build_tiny_llama(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
     """A small random Llama with the reference model's tokenizer, saved as a normal HF folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -14,11 +14,12 @@ from quantize.kernels import LinearSpec, select_kernel, tinygemm
 from quantize.kernels.tinygemm import U, TinygemmKernel, int4_mm
 from quantize.layer_config import plan_layers
 from quantize.model import find_blocks, load_model
-from quantize.numerics import dequantize, quantize_weight
-from quantize.packing import pack
+from quantize.numerics import dequantize
 from quantize.presets import TuneConfig
 from quantize.quantizer import quantize_model
 from quantize.scheme import Scheme
+
+from conftest import random_4bit_layer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,11 +66,7 @@ def test_device_map_auto_and_compile(w4_checkpoint):
 
 
 def _layer(group_size, sym, layout, n, k, seed=0):
-    torch.manual_seed(seed)
-    w = torch.randn(n, k) * 0.02
-    q, s, z = quantize_weight(w, 4, group_size, sym)
-    p = pack(layout, q, s, z, 4)
-    spec = LinearSpec(4, group_size, sym, layout, k, n)
+    spec, p, (q, s, z) = random_4bit_layer(group_size, sym, layout, n, k, seed)
     state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
     state.update(TinygemmKernel.prepare(spec, state["qweight"], state["qzeros"], state["scales"]))
     return spec, state, (q, s, z)

@@ -19,22 +19,14 @@ from quantize.kernels.tinygemm import (
     scales_and_zeros,
     unnibble,
 )
-from quantize.numerics import dequantize, quantize_weight
-from quantize.packing import pack
+from quantize.numerics import dequantize
+
+from conftest import random_4bit_layer
 
 if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
     pytest.skip("this torch has no CPU int4pack op", allow_module_level=True)
 
 REL_TOL = 1e-2
-
-
-def case(group_size, sym, layout, n, k, seed=0):
-    torch.manual_seed(seed)
-    w = torch.randn(n, k) * 0.02
-    q, scales, zeros = quantize_weight(w, 4, group_size, sym)
-    packed = pack(layout, q, scales, zeros, 4)
-    spec = LinearSpec(4, group_size, sym, layout, k, n)
-    return spec, packed, (q, scales, zeros)
 
 
 def test_nibbles_round_trip_even_k_high():
@@ -47,7 +39,7 @@ def test_nibbles_round_trip_even_k_high():
 
 @pytest.mark.parametrize("sym", [True, False])
 def test_scales_and_zeros_exact_then_rounded_once(sym):
-    _, _, (q, s, z) = case(32, sym, "auto_round", 16, 128)
+    _, _, (q, s, z) = random_4bit_layer(32, sym, "auto_round", 16, 128)
     sz = scales_and_zeros(s, z)
     assert sz.shape == (4, 16, 2) and sz.dtype == torch.bfloat16
     exact = s.double() * (8 - z.double())
@@ -62,7 +54,7 @@ def test_per_weight_bound(sym, group_size):
     # The op applied to the identity gives its dequantized weights (one product per output, exact in
     # float32, then one bf16 rounding of the output: within the bound's margin).
     n, k = 32, 256  # (the CPU op wants N a multiple of 16; the CUDA op 8)
-    _, _, (q, s, z) = case(group_size, sym, "auto_round", n, k, seed=1)
+    _, _, (q, s, z) = random_4bit_layer(group_size, sym, "auto_round", n, k, seed=1)
     packed = pack_weight(q, tinygemm.inner_k_tiles(k))
     w_tg = int4_mm(torch.eye(k, dtype=torch.bfloat16), packed, group_size, scales_and_zeros(s, z)).float().t()
     w = dequantize(q, s, z).double()
@@ -80,7 +72,7 @@ def test_per_weight_bound(sym, group_size):
 def test_kernel_class_matches_reference(sym, layout, group_size, n, k):
     if k % group_size:
         pytest.skip("group does not divide K")
-    spec, packed, (q, s, z) = case(group_size, sym, layout, n, k)
+    spec, packed, (q, s, z) = random_4bit_layer(group_size, sym, layout, n, k)
     state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
     state.update(TinygemmKernel.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
     w = dequantize(q, s, z)
@@ -93,7 +85,7 @@ def test_kernel_class_matches_reference(sym, layout, group_size, n, k):
 
 
 def test_bias_batch_dims_and_fallback_routing(monkeypatch):
-    spec, packed, (q, s, z) = case(64, False, "auto_round", 32, 128)
+    spec, packed, (q, s, z) = random_4bit_layer(64, False, "auto_round", 32, 128)
     state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
     state.update(TinygemmKernel.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
     w = dequantize(q, s, z)
@@ -141,7 +133,7 @@ def test_compiled_layer_chooses_by_m_at_run_time(monkeypatch):
     # recompiling: the choice happens inside the quantize::int4_mm_by_m op. The large-M side is Triton's
     # wq_matmul, replaced here by a recorder (Triton's CPU interpreter has no bf16; test_cuda runs it).
     triton_gemm = pytest.importorskip("quantize.kernels.triton_gemm")
-    spec, packed, (q, s, z) = case(64, True, "gptq", 64, 128)
+    spec, packed, (q, s, z) = random_4bit_layer(64, True, "gptq", 64, 128)
     state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
     state.update(TinygemmKernel.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
     w = dequantize(q, s, z)
