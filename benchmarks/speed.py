@@ -16,6 +16,7 @@ Each tool runs in its own subprocess (clean peak host memory, Intel never sees `
   python benchmarks/speed.py --shapes 7b,8b --tools ours,intel --json speed.json
   python benchmarks/speed.py --shapes tiny --iters 2 --nsamples 16 --seqlen 128   # CPU smoke test
   python benchmarks/speed.py --shapes 7b --tools ours --profile profile.txt         # torch.profiler, one block
+  python benchmarks/speed.py --shapes 7b --preset auto-round-light                   # 50 iters, lr 5e-3, both tools
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Intel's AutoRound wants a tokenizer with a model object: the reference model's (vocabulary 8192).
 TOKENIZER = ROOT / ".gpu" / "model" if (ROOT / ".gpu" / "model").exists() else ROOT / ".." / "shared" / "models" / "gutenberg-llama-29m"
 VOCAB = 8192
+# The presets' recipes (ours and Intel's `--light`/default agree): iterations and learning rate.
+ITERS = {"auto-round": 200, "auto-round-light": 50}
+LR = {"auto-round-light": 5e-3}
 
 
 def block_weights(shape: str) -> int:
@@ -107,7 +111,7 @@ def worker(args) -> dict:
 
         kw = {"tokenizer": AutoTokenizer.from_pretrained(args.tokenizer)}
         ar = AutoRound(
-            model, bits=4, group_size=128, sym=True, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+            model, bits=4, group_size=128, sym=True, iters=args.iters, lr=LR.get(args.preset), nsamples=args.nsamples, seqlen=args.seqlen,
             batch_size=args.batch_size, dataset=[row.unsqueeze(0) for row in ids], seed=42,
             device_map=0 if cuda else "cpu", disable_model_free=True, **kw,
         )
@@ -125,7 +129,7 @@ def worker(args) -> dict:
         blocks = find_blocks(model)
         plan = plan_layers(model, blocks.prefix, get_scheme("W4A16"))
         compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
-        cfg = get_preset("auto-round", iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
+        cfg = get_preset(args.preset, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
                          batch_size=args.batch_size, compile=compile_flag)
         out["compile"] = args.compile
         sync()
@@ -188,7 +192,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="7b,8b")
     p.add_argument("--tools", default="ours,intel", help="comma list of ours, intel, ours-eager (ours with --compile off)")
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--preset", choices=tuple(ITERS), default="auto-round", help="recipe for both tools")
+    p.add_argument("--iters", type=int, default=None, help="default: the preset's")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
@@ -204,6 +209,7 @@ def main() -> None:
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.iters = ITERS[args.preset] if args.iters is None else args.iters
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args)))
         return
@@ -212,7 +218,7 @@ def main() -> None:
     import torch
 
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "versions": {"torch": torch.__version__}, "iters": args.iters, "nsamples": args.nsamples,
+            "versions": {"torch": torch.__version__}, "preset": args.preset, "iters": args.iters, "nsamples": args.nsamples,
             "seqlen": args.seqlen, "batch_size": args.batch_size, "rows": []}
     try:
         import transformers
@@ -237,7 +243,7 @@ def main() -> None:
                 continue
             compile_mode = "off" if tool == "ours-eager" else args.compile
             cmd = [sys.executable, __file__, "--worker", "--tool", tool.split("-")[0], "--shape", shape,
-                   "--iters", str(args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                   "--preset", args.preset, "--iters", str(args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--batch-size", str(args.batch_size), "--blocks", str(args.blocks), "--compile", compile_mode,
                    "--result", str(result_file), "--tokenizer", args.tokenizer, "--profile-iters", str(args.profile_iters)]
             if args.profile and tool.startswith("ours"):
@@ -266,7 +272,7 @@ def main() -> None:
     if result_file.exists():
         result_file.unlink()
 
-    print(f"\n{info['device']}, W4A16 g128, {args.iters} iters, {args.nsamples} x {args.seqlen}, batch {args.batch_size}")
+    print(f"\n{info['device']}, W4A16 g128, {args.preset}, {args.iters} iters, {args.nsamples} x {args.seqlen}, batch {args.batch_size}")
     print(f"{'shape':6} {'tool':11} {'block0 s':>9} {'block1 s':>9} {'GPU GB':>7} {'host GB':>8} {'projection':>24}")
     for r in info["rows"]:
         if "error" in r:

@@ -23,8 +23,8 @@ from quantize.scheme import Scheme
 
 log = logging.getLogger(__name__)
 
-# Blocks with fewer weights than this tune faster eagerly: compiling takes seconds per layer shape, and
-# small layers are bound by kernel launches either way (a 7B block holds about 2e8 weights).
+# Blocks with fewer weights than this tune faster eagerly: compiling takes tens of seconds per block shape,
+# and small blocks are bound by kernel launches either way (a 7B block holds about 2e8 weights).
 COMPILE_MIN_WEIGHTS = 1 << 24
 
 
@@ -33,20 +33,33 @@ def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, s
     return fake_quantize(w, bits, group_size, sym, v, min_scale, max_scale).to(w.dtype)
 
 
-_compiled_qdq = None
+def _tuned_loss(block, weights, params, schemes, x, y, block_kwargs, amp: bool) -> torch.Tensor:
+    """MSE between ``y`` and the block's output on ``x`` with every tuned layer quantize-dequantized.
+
+    A plain function of its arguments (no closure), so one compiled graph serves every block of a shape:
+    dynamo guards on tensor shapes and the layer names, not on which block or tensors it is given.
+    """
+    qw = {f"{n}.weight": _qdq(w, *params[n], *schemes[n]) for n, w in weights.items()}
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = block_output(functional_call(block, qw, (x,), block_kwargs))
+    return torch.nn.functional.mse_loss(out.float(), y.float())
 
 
-def _get_qdq(compiled: bool):
-    """``_qdq``, or its compiled form: one fused kernel forward and one backward per layer shape, where
-    eager mode launches about 15 elementwise kernels each way, each a pass over the float32 weight."""
-    global _compiled_qdq
+_compiled_loss = None
+
+
+def _get_loss(compiled: bool):
+    """``_tuned_loss``, or its compiled form: the quantize-dequantize of all layers and the block's forward
+    and backward as fused kernels (eager mode spends a third of a 7B block's step in elementwise
+    kernels: norms, rotary, SiLU, dtype copies, each a pass over the activations)."""
+    global _compiled_loss
     if not compiled:
-        return _qdq
-    if _compiled_qdq is None:
+        return _tuned_loss
+    if _compiled_loss is None:
         # emulate_precision_casts: keep the float16 rounding of the scales (Inductor drops such round
-        # trips by default); with it the compiled function matches eager mode bit for bit (checked on CPU).
-        _compiled_qdq = torch.compile(_qdq, dynamic=False, options={"emulate_precision_casts": True})
-    return _compiled_qdq
+        # trips by default), so the compiled quantize-dequantize equals eager mode's.
+        _compiled_loss = torch.compile(_tuned_loss, dynamic=False, options={"emulate_precision_casts": True})
+    return _compiled_loss
 
 
 @dataclass
@@ -100,95 +113,93 @@ def tune_block(
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
-    params = {name: _LayerParams(w, layers[name], device) for name, w in weights.items()}
+    schemes = {name: (s.bits, s.group_size, s.sym) for name, s in layers.items()}
     for p in block.parameters():
         p.requires_grad_(False)
-    compiled = cfg.compile
-    if compiled is None:
-        compiled = device.type == "cuda" and cfg.iters > 0 and sum(w.numel() for w in weights.values()) >= COMPILE_MIN_WEIGHTS
-    qdq = _get_qdq(compiled)
-    if compiled:
-        qdq = _warm_up(qdq, weights, layers, params)
 
-    def qdq_weights(use_tuned: bool) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, w in weights.items():
-            s, p = layers[name], params[name]
-            if use_tuned:
-                out[f"{name}.weight"] = qdq(w, p.v, p.min_scale, p.max_scale, s.bits, s.group_size, s.sym)
-            else:
-                out[f"{name}.weight"] = fake_quantize(w, s.bits, s.group_size, s.sym).to(w.dtype)
-        return out
-
-    def block_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, amp):
+    def rtn_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> float:
+        with torch.no_grad(), _autocast(device, amp):
             out = block_output(functional_call(block, qw, (inputs[idx],), block_kwargs))
-        return torch.nn.functional.mse_loss(out.float(), targets[idx].float())
+        return torch.nn.functional.mse_loss(out.float(), targets[idx].float()).item()
 
     probe = torch.arange(min(cfg.batch_size, len(inputs)), device=device)
-    with torch.no_grad():
-        loss_before = block_loss(qdq_weights(False), probe).item()
+    rtn = {f"{n}.weight": fake_quantize(w, *schemes[n]).to(w.dtype) for n, w in weights.items()}
+    loss_before = rtn_loss(rtn, probe)
+    del rtn
 
-    if cfg.iters > 0:
-        _signed_descent(params, qdq_weights, block_loss, len(inputs), cfg, generator, device)
+    params = {name: _LayerParams(w, layers[name], device) for name, w in weights.items()} if cfg.iters > 0 else {}
+    if params:
+        compiled = cfg.compile
+        if compiled is None:
+            compiled = device.type == "cuda" and sum(w.numel() for w in weights.values()) >= COMPILE_MIN_WEIGHTS
+        args = (block, weights, {n: (p.v, p.min_scale, p.max_scale) for n, p in params.items()}, schemes)
+
+        def loss_with(fn):
+            return lambda idx: fn(*args, inputs[idx], targets[idx], block_kwargs, amp)
+
+        loss = loss_with(_tuned_loss)
+        if compiled:
+            loss = _warm_up(loss_with(_get_loss(True)), loss, probe, params)
+        _signed_descent(params, loss, len(inputs), cfg, generator, device)
 
     results = {}
     for name, w in weights.items():
-        s, p = layers[name], params[name]
-        tuned = (p.v, p.min_scale, p.max_scale) if cfg.iters > 0 else (0.0, 1.0, 1.0)
+        s, p = layers[name], params.get(name)
+        tuned = (p.v, p.min_scale, p.max_scale) if p is not None else (0.0, 1.0, 1.0)
         qw = QuantizedWeight(*quantize_weight(w, s.bits, s.group_size, s.sym, *tuned), scheme=s)
         modules[name].weight.data = qw.dequantize(w.dtype).to(device)
         results[name] = qw
-    with torch.no_grad():
-        loss_after = block_loss({}, probe).item()
-    return BlockResult(results, loss_before, loss_after)
+    return BlockResult(results, loss_before, rtn_loss({}, probe))
 
 
-def _warm_up(qdq, weights, layers, params):
-    """Compile forward and backward for every layer shape now (backward compiles lazily, inside the first
-    step otherwise); if compiling fails, fall back to eager mode rather than fail the run."""
+def _warm_up(compiled_loss, eager_loss, probe, params):
+    """Compile forward and backward now (backward compiles lazily inside the first step otherwise); if
+    compiling fails, fall back to eager mode rather than fail the run."""
     try:
-        for name, w in weights.items():
-            s, p = layers[name], params[name]
-            qdq(w, p.v, p.min_scale, p.max_scale, s.bits, s.group_size, s.sym).float().sum().backward()
+        compiled_loss(probe).backward()
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
-        log.warning("torch.compile of the quantize-dequantize failed (%s: %s); tuning eagerly", type(e).__name__, e)
-        qdq = _qdq
+        log.warning("torch.compile of the block's tuning step failed (%s: %s); tuning eagerly", type(e).__name__, e)
+        compiled_loss = eager_loss
     for p in params.values():
         for t in p.parameters():
             t.grad = None
-    return qdq
+    return compiled_loss
 
 
-def _signed_descent(params, qdq_weights, block_loss, nsamples, cfg: TuneConfig, generator, device) -> None:
+def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device) -> None:
     """Signed gradient descent; leaves ``params`` at the values with the lowest training loss seen."""
     groups = [
         ([p.v for p in params.values()], cfg.learning_rate),
         ([t for p in params.values() for t in (p.min_scale, p.max_scale)], cfg.minmax_learning_rate if cfg.minmax_tuning else 0.0),
     ]
-    best_loss, best = float("inf"), None
+    tensors = [t for p in params.values() for t in p.parameters()]
+    best = [t.detach().clone() for t in tensors]  # written in place, so no allocation per improvement
+    best_loss = float("inf")
     pick = cfg.batch_size * cfg.grad_accum
     for step in range(cfg.iters):
         order = torch.randperm(nsamples, generator=generator)[:pick].to(device)
         total = 0.0
         for idx in order.split(cfg.batch_size):
-            loss = block_loss(qdq_weights(True), idx) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            batch_loss = loss(idx) / cfg.grad_accum
+            batch_loss.backward()
+            total += batch_loss.item()
         if total < best_loss:
             best_loss = total
-            best = {n: {k: t.detach().clone() for k, t in p.state_dict().items()} for n, p in params.items()}
+            torch._foreach_copy_(best, tensors)
         decay = 1.0 - step / cfg.iters
         with torch.no_grad():
-            for tensors, lr in groups:
-                for t in tensors:
-                    if t.grad is not None:
-                        t.add_(torch.sign(t.grad), alpha=-lr * decay)
-                        t.grad = None
+            for group, lr in groups:
+                grads = [t.grad for t in group if t.grad is not None]
+                if grads and lr > 0:
+                    # One pass to take signs in place and one to step: foreach kernels, not two per tensor.
+                    torch._foreach_sign_(grads)
+                    torch._foreach_add_([t for t in group if t.grad is not None], grads, alpha=-lr * decay)
+                for t in group:
+                    t.grad = None
             for p in params.values():
                 p.min_scale.clamp_(0.0, 1.0)
                 p.max_scale.clamp_(0.0, 1.0)
-    if best is None:
+    if best_loss == float("inf"):
         raise UserError("the tuning loss was NaN at every step: try --amp off (float32) or a lower --lr")
-    for name, p in params.items():
-        p.load_state_dict(best[name])
+    with torch.no_grad():
+        torch._foreach_copy_(tensors, best)

@@ -38,3 +38,39 @@ def test_signround_beats_rtn(gutenberg):
     for name, qw in tuned.weights.items():
         assert torch.equal(tuned_block.get_submodule(name).weight, qw.dequantize(torch.float32))
         assert qw.q.max() <= 3 and qw.scales.dtype == torch.float16
+
+
+def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama):
+    """The whole-block compiled loss (quantize-dequantize + forward + backward) gives eager mode's loss
+    and gradients, and a second block of the same shape reuses the first one's compiled graph."""
+    from quantize.signround import _get_loss, _tuned_loss
+
+    model, _ = load_model(str(tiny_llama))
+    blocks = find_blocks(model)
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    x, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    compiled = _get_loss(True)
+    for i, block in enumerate(blocks.modules):
+        block = block.float().requires_grad_(False)
+        weights = {n: m.weight for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        schemes = {n: (4, 32, True) for n in weights}
+        y = _run_block(block, x, kwargs, 4, False) + 0.01 * torch.randn(x.shape, generator=gen)
+
+        def params():
+            torch.manual_seed(i)
+            return {n: tuple(t.requires_grad_() for t in (
+                0.3 * torch.rand(w.shape) - 0.15, 0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32),
+                0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32))) for n, w in weights.items()}
+
+        results = []
+        for fn in (_tuned_loss, compiled):
+            p = params()
+            with torch.compiler.set_stance("fail_on_recompile" if i and fn is compiled else "default"):
+                loss = fn(block, weights, p, schemes, x, y, kwargs, False)
+            loss.backward()
+            results.append((loss.detach(), [t.grad for ts in p.values() for t in ts]))
+        (eager_loss, eager_grads), (comp_loss, comp_grads) = results
+        torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=0)
+        for g_c, g_e in zip(comp_grads, eager_grads):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
