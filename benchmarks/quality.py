@@ -23,6 +23,7 @@ import copy
 import gc
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -94,7 +95,8 @@ def main() -> None:
     p.add_argument("--schemes", default="W4A16,W3A16,W2A16,W2A16G64")
     p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
-    p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing)")
+    p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
+                   "ours-fp8 / ours-bf16: ours with float8 / bf16 backward products forced")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
@@ -178,8 +180,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                if tool == "ours":
-                    model, seconds = run_ours(base, scheme, cfg, calib, device)
+                if tool.startswith("ours"):
+                    fp8 = {"ours": None, "ours-fp8": True, "ours-bf16": False}[tool]
+                    model, seconds = run_ours(base, scheme, replace(cfg, fp8_grads=fp8), calib, device)
                 else:
                     model, seconds = run_intel(base, tok, scheme, cfg, calib, device)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -10,9 +11,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantize.layer_config import LayerPlan
-from quantize.model import Blocks, UserError, block_output, capture_block_inputs, compute_dtype
+from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype
 from quantize.presets import TuneConfig
-from quantize.signround import QuantizedWeight, tune_block
+from quantize.signround import QuantizedWeight, block_forward, compiles, tune_block
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,13 +29,24 @@ class QuantizationResult:
 
 
 @torch.no_grad()
-def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int, amp: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def _run_block(
+    block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int, amp: bool, out: torch.Tensor | None = None, compiled: bool = False
+) -> torch.Tensor:
     """``block`` over ``x`` batch by batch, into ``out`` (which may be ``x`` itself: each batch's output
     depends only on that batch, so the inputs can be overwritten as they are consumed)."""
     out = torch.empty_like(x) if out is None else out
+    forward = block_forward(compiled)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         for src, dst in zip(x.split(batch), out.split(batch)):
-            dst.copy_(block_output(block(src, **kwargs)))
+            try:
+                y = forward(block, src, kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager forward computes the same
+                if forward is block_forward(False):
+                    raise
+                log.warning("torch.compile of the block's forward failed (%s: %s); running it eagerly", type(e).__name__, e)
+                forward = block_forward(False)
+                y = forward(block, src, kwargs)
+            dst.copy_(y)
     return out
 
 
@@ -70,29 +84,33 @@ def quantize_model(
         t0 = time.time()
         prefix = blocks.name(i) + "."
         layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
-        block.to(device, dtype)
+        block.to(device, dtype).requires_grad_(False)  # as tuning leaves it: one compiled forward serves both passes
         # Two sets of activations live on the device, not three: the full-precision inputs become the
         # targets in place, unless the tuning inputs are the same tensor.
         shared = q_inputs is fp_inputs
-        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs)
+        compiled = compiles(cfg, device, sum(block.get_submodule(n).weight.numel() for n in layers))
+        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
         _check_finite(targets, f"after block {i}")
         if layers:
             tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
-            result.weights.update({prefix + n: w for n, w in tuned.weights.items()})
+            # Integer forms wait on the host: on the device they would add up to half the model's size.
+            host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
+            result.weights.update(host)
             result.block_losses.append((tuned.loss_before, tuned.loss_after))
             bar.write(
                 f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
                 f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
             )
         if cfg.quantized_inputs and (layers or not shared):
-            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs)
+            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
         else:
             q_inputs = targets
         fp_inputs = targets
         block.to("cpu", model_dtype)
-        for name, qw in result.weights.items():
-            if name.startswith(prefix):
-                # The exact weights a loaded checkpoint gives back, in the model's dtype.
+        if layers and dtype != model_dtype:
+            for name, qw in host.items():
+                # The exact weights a loaded checkpoint gives back, in the model's dtype (the block holds
+                # them in the compute dtype).
                 model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
     result.seconds = time.time() - start
     return result

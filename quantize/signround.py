@@ -10,12 +10,14 @@ best-loss parameters kept. ``iters == 0`` is plain round-to-nearest.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from quantize import fp8_grads
 from quantize.model import UserError, block_output
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
@@ -26,6 +28,30 @@ log = logging.getLogger(__name__)
 # Blocks with fewer weights than this tune faster eagerly: compiling takes tens of seconds per block shape,
 # and small blocks are bound by kernel launches either way (a 7B block holds about 2e8 weights).
 COMPILE_MIN_WEIGHTS = 1 << 24
+
+
+def compiles(cfg: TuneConfig, device: torch.device, block_weights: int) -> bool:
+    """Whether a block's tuning step and forward passes run compiled (``cfg.compile``, None = the size rule)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and cfg.iters > 0 and block_weights >= COMPILE_MIN_WEIGHTS
+
+
+def _forward(block, x, block_kwargs) -> torch.Tensor:
+    return block_output(block(x, **block_kwargs))
+
+
+_compiled_forward = None
+
+
+def block_forward(compiled: bool):
+    """The block's plain forward, or its compiled form (fused norms, rotary and activations)."""
+    global _compiled_forward
+    if not compiled:
+        return _forward
+    if _compiled_forward is None:
+        _compiled_forward = torch.compile(_forward, dynamic=False)
+    return _compiled_forward
 
 
 def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, sym: bool) -> torch.Tensor:
@@ -73,6 +99,9 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.q, self.scales, self.zeros, dtype)
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(self.q.to(device), self.scales.to(device), self.zeros.to(device), self.scheme)
 
 
 @dataclass
@@ -128,28 +157,35 @@ def tune_block(
     del rtn
 
     params = {name: _LayerParams(w, layers[name], device) for name, w in weights.items()} if cfg.iters > 0 else {}
+    # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
+    best: dict[str, QuantizedWeight] = {}
+
+    def keep_best() -> None:
+        for name, w in weights.items():
+            s, p = layers[name], params[name]
+            best[name] = QuantizedWeight(*quantize_weight(w, s.bits, s.group_size, s.sym, p.v, p.min_scale, p.max_scale), scheme=s)
+
     if params:
-        compiled = cfg.compile
-        if compiled is None:
-            compiled = device.type == "cuda" and sum(w.numel() for w in weights.values()) >= COMPILE_MIN_WEIGHTS
+        compiled = compiles(cfg, device, sum(w.numel() for w in weights.values()))
         args = (block, weights, {n: (p.v, p.min_scale, p.max_scale) for n, p in params.items()}, schemes)
 
         def loss_with(fn):
             return lambda idx: fn(*args, inputs[idx], targets[idx], block_kwargs, amp)
 
-        loss = loss_with(_tuned_loss)
-        if compiled:
-            loss = _warm_up(loss_with(_get_loss(True)), loss, probe, params)
-        _signed_descent(params, loss, len(inputs), cfg, generator, device)
+        fp8 = cfg.fp8_grads if cfg.fp8_grads is not None else compiled and fp8_grads.supported(device)
+        if fp8 and device.type == "cuda" and not fp8_grads.supported(device):
+            raise UserError("float8 gradients need a GPU of compute capability 8.9 or newer (Ada, Hopper): drop --fp8-grads")
+        with fp8_grads.fp8_grad_linears(block, layers) if fp8 else nullcontext():
+            loss = loss_with(_tuned_loss)
+            if compiled:
+                loss = _warm_up(loss_with(_get_loss(True)), loss, probe, params)
+            _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
+    else:
+        best = {n: QuantizedWeight(*quantize_weight(w, *schemes[n]), scheme=layers[n]) for n, w in weights.items()}
 
-    results = {}
-    for name, w in weights.items():
-        s, p = layers[name], params.get(name)
-        tuned = (p.v, p.min_scale, p.max_scale) if p is not None else (0.0, 1.0, 1.0)
-        qw = QuantizedWeight(*quantize_weight(w, s.bits, s.group_size, s.sym, *tuned), scheme=s)
-        modules[name].weight.data = qw.dequantize(w.dtype).to(device)
-        results[name] = qw
-    return BlockResult(results, loss_before, rtn_loss({}, probe))
+    for name, qw in best.items():
+        modules[name].weight.data = qw.dequantize(weights[name].dtype)
+    return BlockResult(best, loss_before, rtn_loss({}, probe))
 
 
 def _warm_up(compiled_loss, eager_loss, probe, params):
@@ -166,14 +202,12 @@ def _warm_up(compiled_loss, eager_loss, probe, params):
     return compiled_loss
 
 
-def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device) -> None:
-    """Signed gradient descent; leaves ``params`` at the values with the lowest training loss seen."""
+def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device, keep_best) -> None:
+    """Signed gradient descent; calls ``keep_best`` whenever the training loss reaches a new low."""
     groups = [
         ([p.v for p in params.values()], cfg.learning_rate),
         ([t for p in params.values() for t in (p.min_scale, p.max_scale)], cfg.minmax_learning_rate if cfg.minmax_tuning else 0.0),
     ]
-    tensors = [t for p in params.values() for t in p.parameters()]
-    best = [t.detach().clone() for t in tensors]  # written in place, so no allocation per improvement
     best_loss = float("inf")
     pick = cfg.batch_size * cfg.grad_accum
     for step in range(cfg.iters):
@@ -185,7 +219,7 @@ def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device) 
             total += batch_loss.item()
         if total < best_loss:
             best_loss = total
-            torch._foreach_copy_(best, tensors)
+            keep_best()
         decay = 1.0 - step / cfg.iters
         with torch.no_grad():
             for group, lr in groups:
@@ -201,5 +235,3 @@ def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device) 
                 p.max_scale.clamp_(0.0, 1.0)
     if best_loss == float("inf"):
         raise UserError("the tuning loss was NaN at every step: try --amp off (float32) or a lower --lr")
-    with torch.no_grad():
-        torch._foreach_copy_(tensors, best)
