@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
-                   "ours-fp8 / ours-bf16: ours with float8 / bf16 backward products forced")
+                   "ours-fp8: ours with float8 backward products (--fp8-grads)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
@@ -181,7 +181,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 if tool.startswith("ours"):
-                    fp8 = {"ours": None, "ours-fp8": True, "ours-bf16": False}[tool]
+                    fp8 = tool == "ours-fp8"
                     model, seconds = run_ours(base, scheme, replace(cfg, fp8_grads=fp8), calib, device)
                 else:
                     model, seconds = run_intel(base, tok, scheme, cfg, calib, device)

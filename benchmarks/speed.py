@@ -130,8 +130,8 @@ def worker(args) -> dict:
         plan = plan_layers(model, blocks.prefix, get_scheme("W4A16"))
         compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
         cfg = get_preset(args.preset, iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                         batch_size=args.batch_size, compile=compile_flag)
-        out["compile"] = args.compile
+                         batch_size=args.batch_size, compile=compile_flag, fp8_grads=args.fp8_grads)
+        out["compile"], out["fp8_grads"] = args.compile, args.fp8_grads
         sync()
         t0 = time.time()
         qz.quantize_model(model, blocks, plan, ids, cfg, device, progress=False)
@@ -191,7 +191,7 @@ def profile_block(model, ids, args, device) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="7b,8b")
-    p.add_argument("--tools", default="ours,intel", help="comma list of ours, intel, ours-eager (ours with --compile off)")
+    p.add_argument("--tools", default="ours,intel", help="comma list of ours, intel, ours-eager (ours with --compile off), ours-fp8 (ours with float8 backward products)")
     p.add_argument("--preset", choices=tuple(ITERS), default="auto-round", help="recipe for both tools")
     p.add_argument("--iters", type=int, default=None, help="default: the preset's")
     p.add_argument("--nsamples", type=int, default=128)
@@ -204,6 +204,7 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no new worker after this")
     p.add_argument("--json", default=None)
     p.add_argument("--tokenizer", default=str(TOKENIZER), help="for Intel's AutoRound (its vocabulary must be 8192)")
+    p.add_argument("--fp8-grads", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tool", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -246,6 +247,8 @@ def main() -> None:
                    "--preset", args.preset, "--iters", str(args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--batch-size", str(args.batch_size), "--blocks", str(args.blocks), "--compile", compile_mode,
                    "--result", str(result_file), "--tokenizer", args.tokenizer, "--profile-iters", str(args.profile_iters)]
+            if tool == "ours-fp8":
+                cmd.append("--fp8-grads")
             if args.profile and tool.startswith("ours"):
                 cmd += ["--profile", str(Path(args.profile).with_suffix(f".{shape}.{tool}.txt"))]
             print(f"--- {shape} {tool}", flush=True)

@@ -20,9 +20,9 @@ class TuneConfig:
     # torch.compile the quantize-dequantize of each layer (one fused kernel forward and backward).
     # None: on CUDA for blocks of at least COMPILE_MIN_WEIGHTS weights, where it pays for its compile time.
     compile: bool | None = None
-    # Backward products in float8 (quantize.fp8_grads: the descent reads only gradient signs).
-    # None: where the step is compiled and the GPU has float8 tensor cores.
-    fp8_grads: bool | None = None
+    # Backward products in float8 (quantize.fp8_grads: the descent reads only gradient signs). Off by
+    # default: 5% faster on a 7B block, but 0.4% worse perplexity on average in four side-by-side runs.
+    fp8_grads: bool = False
     seed: int = 42
 
     def __post_init__(self):

@@ -172,10 +172,9 @@ def tune_block(
         def loss_with(fn):
             return lambda idx: fn(*args, inputs[idx], targets[idx], block_kwargs, amp)
 
-        fp8 = cfg.fp8_grads if cfg.fp8_grads is not None else compiled and fp8_grads.supported(device)
-        if fp8 and device.type == "cuda" and not fp8_grads.supported(device):
+        if cfg.fp8_grads and device.type == "cuda" and not fp8_grads.supported(device):
             raise UserError("float8 gradients need a GPU of compute capability 8.9 or newer (Ada, Hopper): drop --fp8-grads")
-        with fp8_grads.fp8_grad_linears(block, layers) if fp8 else nullcontext():
+        with fp8_grads.fp8_grad_linears(block, layers) if cfg.fp8_grads else nullcontext():
             loss = loss_with(_tuned_loss)
             if compiled:
                 loss = _warm_up(loss_with(_get_loss(True)), loss, probe, params)
