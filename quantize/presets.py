@@ -17,7 +17,7 @@ class TuneConfig:
     quantized_inputs: bool = True  # block i tunes on the outputs of the already-quantized blocks < i
     minmax_tuning: bool = True
     amp: bool | None = None  # None: bf16 autocast on CUDA, float32 on the CPU
-    # torch.compile the quantize-dequantize of each layer (one fused kernel forward and backward).
+    # torch.compile each block's tuning step (quantize-dequantize, forward, backward) and its forward passes.
     # None: on CUDA for blocks of at least COMPILE_MIN_WEIGHTS weights, where it pays for its compile time.
     compile: bool | None = None
     # Backward products in float8 (quantize.fp8_grads: the descent reads only gradient signs). Off by

@@ -9,6 +9,7 @@ best-loss parameters kept. ``iters == 0`` is plain round-to-nearest.
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,17 +42,16 @@ def _forward(block, x, block_kwargs) -> torch.Tensor:
     return block_output(block(x, **block_kwargs))
 
 
-_compiled_forward = None
+@functools.cache
+def _compiled(fn):
+    # emulate_precision_casts: keep the float16 rounding of the scales (Inductor drops such round trips by
+    # default), so the compiled quantize-dequantize equals eager mode's.
+    return torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
 
 
 def block_forward(compiled: bool):
     """The block's plain forward, or its compiled form (fused norms, rotary and activations)."""
-    global _compiled_forward
-    if not compiled:
-        return _forward
-    if _compiled_forward is None:
-        _compiled_forward = torch.compile(_forward, dynamic=False)
-    return _compiled_forward
+    return _compiled(_forward) if compiled else _forward
 
 
 def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, sym: bool) -> torch.Tensor:
@@ -71,21 +71,11 @@ def _tuned_loss(block, weights, params, schemes, x, y, block_kwargs, amp: bool) 
     return torch.nn.functional.mse_loss(out.float(), y.float())
 
 
-_compiled_loss = None
-
-
-def _get_loss(compiled: bool):
+def tuning_loss(compiled: bool):
     """``_tuned_loss``, or its compiled form: the quantize-dequantize of all layers and the block's forward
-    and backward as fused kernels (eager mode spends a third of a 7B block's step in elementwise
-    kernels: norms, rotary, SiLU, dtype copies, each a pass over the activations)."""
-    global _compiled_loss
-    if not compiled:
-        return _tuned_loss
-    if _compiled_loss is None:
-        # emulate_precision_casts: keep the float16 rounding of the scales (Inductor drops such round
-        # trips by default), so the compiled quantize-dequantize equals eager mode's.
-        _compiled_loss = torch.compile(_tuned_loss, dynamic=False, options={"emulate_precision_casts": True})
-    return _compiled_loss
+    and backward as fused kernels (eager mode spent a third of a 7B block's step in elementwise kernels:
+    norms, rotary, SiLU, dtype copies, each a pass over the activations)."""
+    return _compiled(_tuned_loss) if compiled else _tuned_loss
 
 
 @dataclass
@@ -175,9 +165,9 @@ def tune_block(
         if cfg.fp8_grads and device.type == "cuda" and not fp8_grads.supported(device):
             raise UserError("float8 gradients need a GPU of compute capability 8.9 or newer (Ada, Hopper): drop --fp8-grads")
         with fp8_grads.fp8_grad_linears(block, layers) if cfg.fp8_grads else nullcontext():
-            loss = loss_with(_tuned_loss)
+            loss = loss_with(tuning_loss(False))
             if compiled:
-                loss = _warm_up(loss_with(_get_loss(True)), loss, probe, params)
+                loss = _warm_up(loss_with(tuning_loss(True)), loss, probe, params)
             _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
     else:
         best = {n: QuantizedWeight(*quantize_weight(w, *schemes[n]), scheme=layers[n]) for n, w in weights.items()}

@@ -49,14 +49,14 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
     and gradients, and a second block of the same shape reuses the first one's compiled graph; also with
     the float8 backward products in place."""
     from quantize.fp8_grads import fp8_grad_linears
-    from quantize.signround import _get_loss, _tuned_loss
+    from quantize.signround import tuning_loss
 
     model, _ = load_model(str(tiny_llama))
     blocks = find_blocks(model)
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     x, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(1)
-    compiled = _get_loss(True)
+    eager, compiled = tuning_loss(False), tuning_loss(True)
     for i, block in enumerate(blocks.modules):
         block = block.float().requires_grad_(False)
         weights = {n: m.weight for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -70,7 +70,7 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
                 0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32))) for n, w in weights.items()}
 
         results = []
-        for fn in (_tuned_loss, compiled):
+        for fn in (eager, compiled):
             p = params()
             with fp8_grad_linears(block, weights) if fp8 else contextlib.nullcontext():
                 with torch.compiler.set_stance("fail_on_recompile" if i and fn is compiled else "default"):
