@@ -54,6 +54,7 @@ class TuneConfig:
         return (
             f"iters={self.iters}, lr={self.learning_rate:g}, minmax_lr={self.minmax_learning_rate:g}, "
             f"nsamples={self.nsamples}, seqlen={self.seqlen}, batch_size={self.batch_size}, grad_accum={self.grad_accum}"
+            + (", float8 gradients" if self.fp8_grads else "")
         )
 
 

@@ -29,11 +29,15 @@ def _first_block_setup(gutenberg):
     return block, layers, x, targets, kwargs
 
 
-def test_signround_beats_rtn(gutenberg):
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-grads", "fp8-grads"])
+def test_signround_beats_rtn(gutenberg, fp8):
     block, layers, x, targets, kwargs = _first_block_setup(gutenberg)
     rtn = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, TuneConfig(iters=0, nsamples=16, batch_size=4), torch.Generator().manual_seed(0))
     tuned_block = copy.deepcopy(block)
-    tuned = tune_block(tuned_block, layers, x, targets, kwargs, TuneConfig(iters=40, nsamples=16, batch_size=4), torch.Generator().manual_seed(0))
+    cfg = TuneConfig(iters=40, nsamples=16, batch_size=4, fp8_grads=fp8)
+    tuned = tune_block(tuned_block, layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
+    # The float8 stand-ins are gone again once tuning is over.
+    assert all(type(m) is torch.nn.Linear for n, m in tuned_block.named_modules() if n in layers)
     assert rtn.loss_before == rtn.loss_after  # iters=0 is exactly RTN
     assert tuned.loss_before == rtn.loss_after
     assert tuned.loss_after < 0.9 * rtn.loss_after, (rtn.loss_after, tuned.loss_after)
