@@ -37,6 +37,10 @@ ANCHORS = {
 }
 
 
+# Our tool's variants for side-by-side checks of one setting: TuneConfig fields over the preset's.
+OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"init_clip": True}, "ours-noclip": {"init_clip": False}}
+
+
 def intel_settings(cfg) -> dict:
     """AutoRound keyword arguments for one of our presets (same iters, lr, samples, length, batch)."""
     kw = dict(iters=cfg.iters, nsamples=cfg.nsamples, seqlen=cfg.seqlen, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -96,7 +100,8 @@ def main() -> None:
     p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
-                   "ours-fp8: ours with float8 backward products (--fp8-grads)")
+                   "ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
+                   "clipping search before tuning")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
@@ -181,8 +186,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 if tool.startswith("ours"):
-                    fp8 = tool == "ours-fp8"
-                    model, seconds = run_ours(base, scheme, replace(cfg, fp8_grads=fp8), calib, device)
+                    model, seconds = run_ours(base, scheme, replace(cfg, **OURS_VARIANTS[tool]), calib, device)
                 else:
                     model, seconds = run_intel(base, tok, scheme, cfg, calib, device)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None

@@ -23,6 +23,9 @@ class TuneConfig:
     # Backward products in float8 (quantize.fp8_grads: the descent reads only gradient signs). Off by
     # default: 5% faster on a 7B block, but 0.4% worse perplexity on average in four side-by-side runs.
     fp8_grads: bool = False
+    # Start each group's range factors from the clipping that minimises the activation-weighted rounding
+    # error (instead of 1.0, the full range).
+    init_clip: bool = False
     seed: int = 42
 
     def __post_init__(self):

@@ -102,12 +102,34 @@ class BlockResult:
 
 
 class _LayerParams(nn.Module):
-    def __init__(self, weight: torch.Tensor, scheme: Scheme, device: torch.device):
+    def __init__(self, weight: torch.Tensor, scheme: Scheme, device: torch.device, clip: torch.Tensor | None = None):
         super().__init__()
         groups = to_groups(weight, scheme.group_size).shape[1]
         self.v = nn.Parameter(torch.zeros(weight.shape, device=device))
-        self.min_scale = nn.Parameter(torch.ones(weight.shape[0], groups, device=device))
-        self.max_scale = nn.Parameter(torch.ones(weight.shape[0], groups, device=device))
+        start = torch.ones(weight.shape[0], groups, device=device) if clip is None else clip.to(device)
+        self.min_scale = nn.Parameter(start.clone())
+        self.max_scale = nn.Parameter(start.clone())
+
+
+CLIP_GRID = torch.linspace(0.3, 1.0, 29).tolist()
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor) -> torch.Tensor:
+    """Per-group range factor ``[N, G]`` from ``CLIP_GRID`` that minimises the round-to-nearest error
+    weighted by each input channel's importance (``importance [K]``: mean squared activation)."""
+    imp = to_groups(importance.float().expand_as(w), scheme.group_size)
+    best_err, best = None, None
+    for r in CLIP_GRID:
+        factor = torch.full(to_groups(w, scheme.group_size).shape[:2], r, device=w.device)
+        err = to_groups(w.float() - fake_quantize(w, scheme.bits, scheme.group_size, scheme.sym, 0.0, factor, factor), scheme.group_size)
+        err = (imp * err.square()).sum(-1)
+        if best is None:
+            best_err, best = err, factor
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
+    return best
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -146,7 +168,11 @@ def tune_block(
     loss_before = rtn_loss(rtn, probe)
     del rtn
 
-    params = {name: _LayerParams(w, layers[name], device) for name, w in weights.items()} if cfg.iters > 0 else {}
+    clips = {}
+    if cfg.iters > 0 and cfg.init_clip:
+        energy = _input_energy(block, layers, inputs, block_kwargs, cfg.batch_size, amp)
+        clips = {name: search_clip(w, layers[name], energy[name]) for name, w in weights.items()}
+    params = {name: _LayerParams(w, layers[name], device, clips.get(name)) for name, w in weights.items()} if cfg.iters > 0 else {}
     # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
     best: dict[str, QuantizedWeight] = {}
 
@@ -175,6 +201,29 @@ def tune_block(
     for name, qw in best.items():
         modules[name].weight.data = qw.dequantize(weights[name].dtype)
     return BlockResult(best, loss_before, rtn_loss({}, probe))
+
+
+@torch.no_grad()
+def _input_energy(block, layers, inputs, block_kwargs, batch: int, amp: bool) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per input channel ``[K]`` of each layer, over all of ``inputs``."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args, _output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+        return record
+
+    handles = [block.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
+    try:
+        with _autocast(inputs.device, amp):
+            for x in inputs.split(batch):
+                block(x, **block_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = inputs.shape[0] * inputs.shape[1]
+    return {name: s / tokens for name, s in sums.items()}
 
 
 def _warm_up(compiled_loss, eager_loss, probe, params):

@@ -90,3 +90,30 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
                 assert (torch.sign(g_c) == torch.sign(g_e))[nonzero].float().mean() > 0.95
             else:
                 torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
+
+
+def test_clip_search_picks_the_grid_factor_with_least_weighted_error():
+    from quantize.numerics import fake_quantize, to_groups
+    from quantize.signround import CLIP_GRID, search_clip
+
+    torch.manual_seed(0)
+    scheme = Scheme(2, 32, True)
+    w = torch.randn(6, 64)
+    w[:, 5] = 4.0  # an outlier in every row's first group
+    importance = torch.rand(64) + 0.1
+    clip = search_clip(w, scheme, importance)
+    assert clip.shape == (6, 2) and set(clip.unique().tolist()) <= set(torch.tensor(CLIP_GRID).tolist())
+
+    def error(factor: torch.Tensor) -> torch.Tensor:
+        diff = to_groups(w - fake_quantize(w, 2, 32, True, 0.0, factor, factor), 32)
+        return (to_groups(importance.expand_as(w), 32) * diff.square()).sum(-1)
+
+    brute = torch.stack([error(torch.full((6, 2), r)) for r in CLIP_GRID]).min(0).values
+    torch.testing.assert_close(error(clip), brute)
+
+
+def test_clip_initialisation_tunes_from_the_searched_factors(gutenberg):
+    block, layers, x, targets, kwargs = _first_block_setup(gutenberg)
+    cfg = TuneConfig(iters=10, nsamples=16, batch_size=4, init_clip=True)
+    tuned = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
+    assert tuned.loss_after < tuned.loss_before
