@@ -169,9 +169,10 @@ def tune_block(
     del rtn
 
     clips = {}
-    if cfg.iters > 0 and cfg.init_clip:
-        energy = _input_energy(block, layers, inputs, block_kwargs, cfg.batch_size, amp)
-        clips = {name: search_clip(w, layers[name], energy[name]) for name, w in weights.items()}
+    searched = [name for name, scheme in layers.items() if cfg.searches_clip(scheme.bits)]
+    if cfg.iters > 0 and searched:
+        energy = _input_energy(block, searched, inputs, block_kwargs, cfg.batch_size, amp)
+        clips = {name: search_clip(weights[name], layers[name], energy[name]) for name in searched}
     params = {name: _LayerParams(w, layers[name], device, clips.get(name)) for name, w in weights.items()} if cfg.iters > 0 else {}
     # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
     best: dict[str, QuantizedWeight] = {}
