@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Intel's AutoRound wants a tokenizer with a model object: the reference model's (vocabulary 8192).
 TOKENIZER = ROOT / ".gpu" / "model" if (ROOT / ".gpu" / "model").exists() else ROOT / ".." / "shared" / "models" / "gutenberg-llama-29m"
 VOCAB = 8192
-# The presets' recipes (ours and Intel's `--light`/default agree): iterations and learning rate.
-ITERS = {"auto-round": 200, "auto-round-light": 50}
-LR = {"auto-round-light": 5e-3}
+# Presets both tools share (Intel's default and `--light` recipes are ours); the parent reads their
+# iterations and learning rate from quantize.presets and hands them to the workers.
+PRESETS = ("auto-round", "auto-round-light")
 
 
 def block_weights(shape: str) -> int:
@@ -111,7 +111,7 @@ def worker(args) -> dict:
 
         kw = {"tokenizer": AutoTokenizer.from_pretrained(args.tokenizer)}
         ar = AutoRound(
-            model, bits=4, group_size=128, sym=True, iters=args.iters, lr=LR.get(args.preset), nsamples=args.nsamples, seqlen=args.seqlen,
+            model, bits=4, group_size=128, sym=True, iters=args.iters, lr=args.lr, nsamples=args.nsamples, seqlen=args.seqlen,
             batch_size=args.batch_size, dataset=[row.unsqueeze(0) for row in ids], seed=42,
             device_map=0 if cuda else "cpu", disable_model_free=True, **kw,
         )
@@ -192,7 +192,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="7b,8b")
     p.add_argument("--tools", default="ours,intel", help="comma list of ours, intel, ours-eager (ours with --compile off), ours-fp8 (ours with float8 backward products)")
-    p.add_argument("--preset", choices=tuple(ITERS), default="auto-round", help="recipe for both tools")
+    p.add_argument("--preset", choices=PRESETS, default="auto-round", help="recipe for both tools")
     p.add_argument("--iters", type=int, default=None, help="default: the preset's")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -204,16 +204,20 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no new worker after this")
     p.add_argument("--json", default=None)
     p.add_argument("--tokenizer", default=str(TOKENIZER), help="for Intel's AutoRound (its vocabulary must be 8192)")
+    p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--fp8-grads", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tool", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.iters = ITERS[args.preset] if args.iters is None else args.iters
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args)))
         return
+    from quantize.presets import get_preset
+
+    recipe = get_preset(args.preset, iters=args.iters)
+    args.iters, args.lr = recipe.iters, recipe.lr
 
     start = time.time()
     import torch
@@ -247,6 +251,8 @@ def main() -> None:
                    "--preset", args.preset, "--iters", str(args.iters), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                    "--batch-size", str(args.batch_size), "--blocks", str(args.blocks), "--compile", compile_mode,
                    "--result", str(result_file), "--tokenizer", args.tokenizer, "--profile-iters", str(args.profile_iters)]
+            if args.lr is not None:
+                cmd += ["--lr", str(args.lr)]
             if tool == "ours-fp8":
                 cmd.append("--fp8-grads")
             if args.profile and tool.startswith("ours"):

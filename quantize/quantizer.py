@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -14,8 +13,6 @@ from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype
 from quantize.presets import TuneConfig
 from quantize.signround import QuantizedWeight, block_forward, compiles, tune_block
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,15 +35,7 @@ def _run_block(
     forward = block_forward(compiled)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         for src, dst in zip(x.split(batch), out.split(batch)):
-            try:
-                y = forward(block, src, kwargs)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager forward computes the same
-                if forward is block_forward(False):
-                    raise
-                log.warning("torch.compile of the block's forward failed (%s: %s); running it eagerly", type(e).__name__, e)
-                forward = block_forward(False)
-                y = forward(block, src, kwargs)
-            dst.copy_(y)
+            dst.copy_(forward(block, src, kwargs))
     return out
 
 

@@ -49,9 +49,27 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
 
 
+@functools.cache
+def _compiled_forward():
+    """The compiled forward, which turns into the eager one (with a warning) the first time compiling fails."""
+    compiled = _compiled(_forward)
+
+    def forward(block, x, block_kwargs):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                return compiled(block, x, block_kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager forward computes the same
+                log.warning("torch.compile of the block's forward failed (%s: %s); running it eagerly", type(e).__name__, e)
+                compiled = None
+        return _forward(block, x, block_kwargs)
+
+    return forward
+
+
 def block_forward(compiled: bool):
     """The block's plain forward, or its compiled form (fused norms, rotary and activations)."""
-    return _compiled(_forward) if compiled else _forward
+    return _compiled_forward() if compiled else _forward
 
 
 def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, sym: bool) -> torch.Tensor:
@@ -118,17 +136,17 @@ CLIP_GRID = torch.linspace(0.3, 1.0, 29).tolist()
 def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor) -> torch.Tensor:
     """Per-group range factor ``[N, G]`` from ``CLIP_GRID`` that minimises the round-to-nearest error
     weighted by each input channel's importance (``importance [K]``: mean squared activation)."""
+    wf = w.float()
     imp = to_groups(importance.float().expand_as(w), scheme.group_size)
-    best_err, best = None, None
+    shape = imp.shape[:2]
+    best_err = torch.full(shape, float("inf"), device=w.device)
+    best = torch.ones(shape, device=w.device)
     for r in CLIP_GRID:
-        factor = torch.full(to_groups(w, scheme.group_size).shape[:2], r, device=w.device)
-        err = to_groups(w.float() - fake_quantize(w, scheme.bits, scheme.group_size, scheme.sym, 0.0, factor, factor), scheme.group_size)
+        factor = torch.full(shape, r, device=w.device)
+        err = to_groups(wf - fake_quantize(w, scheme.bits, scheme.group_size, scheme.sym, 0.0, factor, factor), scheme.group_size)
         err = (imp * err.square()).sum(-1)
-        if best is None:
-            best_err, best = err, factor
-        else:
-            better = err < best_err
-            best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
     return best
 
 
@@ -158,14 +176,14 @@ def tune_block(
     for p in block.parameters():
         p.requires_grad_(False)
 
-    def rtn_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> float:
+    def probe_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> float:
         with torch.no_grad(), _autocast(device, amp):
             out = block_output(functional_call(block, qw, (inputs[idx],), block_kwargs))
         return torch.nn.functional.mse_loss(out.float(), targets[idx].float()).item()
 
     probe = torch.arange(min(cfg.batch_size, len(inputs)), device=device)
     rtn = {f"{n}.weight": fake_quantize(w, *schemes[n]).to(w.dtype) for n, w in weights.items()}
-    loss_before = rtn_loss(rtn, probe)
+    loss_before = probe_loss(rtn, probe)
     del rtn
 
     clips = {}
@@ -179,8 +197,8 @@ def tune_block(
 
     def keep_best() -> None:
         for name, w in weights.items():
-            s, p = layers[name], params[name]
-            best[name] = QuantizedWeight(*quantize_weight(w, s.bits, s.group_size, s.sym, p.v, p.min_scale, p.max_scale), scheme=s)
+            p = params[name]
+            best[name] = QuantizedWeight(*quantize_weight(w, *schemes[name], p.v, p.min_scale, p.max_scale), scheme=layers[name])
 
     if params:
         compiled = compiles(cfg, device, sum(w.numel() for w in weights.values()))
@@ -201,7 +219,7 @@ def tune_block(
 
     for name, qw in best.items():
         modules[name].weight.data = qw.dequantize(weights[name].dtype)
-    return BlockResult(best, loss_before, rtn_loss({}, probe))
+    return BlockResult(best, loss_before, probe_loss({}, probe))
 
 
 @torch.no_grad()
@@ -262,11 +280,12 @@ def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device, 
         decay = 1.0 - step / cfg.iters
         with torch.no_grad():
             for group, lr in groups:
-                grads = [t.grad for t in group if t.grad is not None]
-                if grads and lr > 0:
+                live = [t for t in group if t.grad is not None]
+                if live and lr > 0:
                     # One pass to take signs in place and one to step: foreach kernels, not two per tensor.
+                    grads = [t.grad for t in live]
                     torch._foreach_sign_(grads)
-                    torch._foreach_add_([t for t in group if t.grad is not None], grads, alpha=-lr * decay)
+                    torch._foreach_add_(live, grads, alpha=-lr * decay)
                 for t in group:
                     t.grad = None
             for p in params.values():
