@@ -52,7 +52,7 @@ def int4_kernel():
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, gutenberg):
+def ckpts(tmp_path_factory):
     from conftest import build_tiny_llama
 
     work = tmp_path_factory.mktemp("consumers")

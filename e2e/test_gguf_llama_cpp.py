@@ -34,9 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quantize.cli import main as quantize_main
 from quantize.convert import convert
 
-SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
-HELDOUT = SHARED / "data" / "gutenberg" / "heldout.txt"
-MODEL = SHARED / "models" / "gutenberg-llama-29m"
+from conftest import shared_path
 TOKENS = 128
 
 SHIM = """
@@ -126,16 +124,9 @@ def llama_cpp_run(llama, gguf: Path, text: str, n: int) -> tuple[list[int], torc
 
 
 @pytest.fixture(scope="module")
-def gutenberg() -> Path:
-    if not MODEL.exists() or not HELDOUT.exists():
-        pytest.skip(f"reference model or held-out text not found under {SHARED}")
-    return MODEL
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory, gutenberg):
     root = tmp_path_factory.mktemp("llama_cpp")
-    text = HELDOUT.read_text()[:4000]
+    text = shared_path("data/gutenberg/heldout.txt").read_text()[:4000]
     ids = AutoTokenizer.from_pretrained(gutenberg)(text).input_ids[:TOKENS]
     full = AutoModelForCausalLM.from_pretrained(gutenberg, dtype=torch.float32)
     with torch.no_grad():

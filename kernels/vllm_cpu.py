@@ -3,19 +3,27 @@
 It is only a candidate inside a process that imported vLLM (its import costs seconds, so plain
 transformers users never pay for it), and only where vLLM's CPU build has it: its AVX-512 and generic
 builds do, its AVX2 build does not. It needs K and N multiples of 32 and an even group size; every
-packing layout is converted once, at load, to the kernel's own blocked layout.
+packing layout is converted once, at load, to the kernel's own blocked layout. It takes bfloat16 and
+float16 activations only (float32 raises "not implemented for 'Float'"), so float32 layers stay on the
+portable path. Where it runs it is the faster one: 2-27x over the portable path's dequantize-and-matmul
+on a 2-core AVX-512/AMX Xeon (bf16 and fp16, M = 1-128, 1536x512 to 11008x4096).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
-from quantize.kernels.dispatch import LinearSpec, register_kernel
 
+from quantize.kernels.dispatch import LinearSpec, register_kernel
+from quantize.kernels.torch_ref import TorchKernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
+log = logging.getLogger("quantize.kernels")
+
 _BLOCK_N = 16  # the kernel reads 16 output channels of one K row as one contiguous block
+DTYPES = (torch.bfloat16, torch.float16)  # the activation dtypes the op implements
 
 
 def _ops():
@@ -34,6 +42,8 @@ class VllmCpuKernel:
             return "vLLM is not loaded in this process"
         if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
             return "vLLM's CPU build for this processor has no cpu_gemm_wna16 (its AVX2 build lacks it)"
+        if spec.act_dtype not in DTYPES:
+            return f"takes bfloat16/float16 activations only, not {spec.act_dtype}"
         if spec.bits != 4:
             return f"4-bit weights only, not {spec.bits}-bit"
         if spec.in_features % 32 or spec.out_features % 32:
@@ -58,10 +68,19 @@ class VllmCpuKernel:
 
     @staticmethod
     def apply(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.dtype not in DTYPES:
+            # The model was cast after loading (e.g. ``.float()``): correct, slow (unpacks on every call).
+            if spec not in _warned:
+                _warned.add(spec)
+                log.warning("vllm_cpu kernel got %s activations; computing on the portable path", x.dtype)
+            return TorchKernel.apply(spec, {**state, **TorchKernel.prepare(spec, state["qweight"], state["qzeros"], state["scales"])}, x, bias)
         return _ops().cpu_gemm_wna16(
             input=x.contiguous(), q_weight=state["cpu_qweight"], scales=state["cpu_scales"].to(x.dtype), zeros=state.get("cpu_qzeros"),
             bias=None if bias is None else bias.to(x.dtype), pack_factor=8, isa_hint=_isa(x.dtype),
         )
+
+
+_warned: set[LinearSpec] = set()
 
 
 def _isa(dtype: torch.dtype) -> str:

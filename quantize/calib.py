@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from quantize import hub
 from quantize.model import UserError
+from quantize.requires import require
 
 HUB_DEFAULT = "NeelNanda/pile-10k"  # AutoRound's default calibration set, used when the hub is reachable
 BUNDLED = "bundled"  # public-domain Project Gutenberg passages shipped with the package
@@ -18,37 +20,44 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("quantize.data").joinpath(name)))
 
 
-def read_texts(source: str) -> list[str]:
-    """Texts from a .txt file (passages split on blank lines), a .jsonl file (``text`` field), the
-    bundled text, or a Hugging Face dataset id (needs the hub)."""
-    if source == BUNDLED:
-        source = str(bundled_path("calib.txt"))
-    path = Path(source).expanduser()
+def check_source(source: str) -> Path | None:
+    """The file a calibration source names, or None for a hub dataset id. Checked before the model loads,
+    so that a missing file, or a hub id without the package to load it, fails in a second, not minutes."""
+    path = bundled_path("calib.txt") if source == BUNDLED else Path(source).expanduser()
     if path.is_file():
-        raw = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".jsonl":
-            texts = []
-            for n, line in enumerate(raw.splitlines(), 1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise UserError(f"{path}:{n} is not a JSON object with a 'text' field ({e})") from e
-        else:
-            texts = raw.split("\n\n")
-        return [t for t in texts if t.strip()]
+        return path
     if source.startswith((".", "/", "~")) or path.suffix:
         raise UserError(f"calibration file {source!r} does not exist: pass a .txt or .jsonl file, or a dataset id")
-    return _hub_texts(source)
+    require("datasets", "datasets", f"calibration dataset {source!r} (a hub id; a local .txt/.jsonl file needs nothing)")
+    return None
+
+
+def read_texts(source: str) -> list[str]:
+    """Texts from a .txt file (passages split on blank lines), a .jsonl file (``text`` field), the
+    bundled text, or a dataset id (needs the hub: Hugging Face, or ModelScope as quantize.hub chooses)."""
+    path = check_source(source)
+    if path is None:
+        return _hub_texts(source)
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise UserError(f"{path}:{n} is not a JSON object with a 'text' field ({e})") from e
+    else:
+        texts = raw.split("\n\n")
+    return [t for t in texts if t.strip()]
 
 
 def _hub_texts(dataset_id: str) -> list[str]:
+    import datasets  # check_source has required it
+
+    where = hub.resolve(dataset_id, "dataset")
     try:
-        import datasets
-    except ImportError as e:
-        raise UserError(f"loading {dataset_id!r} needs the 'datasets' package (pip install datasets), or pass a local .txt/.jsonl file") from e
-    try:
-        ds = datasets.load_dataset(dataset_id, split="train")
+        ds = datasets.load_dataset(where, split="train")
     except Exception as e:  # the hub raises many types: connection, missing dataset, auth
         raise UserError(
             f"could not load dataset {dataset_id!r} ({e.__class__.__name__}: {e}); without network access "

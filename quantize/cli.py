@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import socket
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from quantize import hub
 from quantize.model import UserError
 
 QUANT_EXAMPLES = """examples:
@@ -59,19 +60,14 @@ def builtin_model() -> str:
     return str(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF)
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", "--device_map", "--device-map", dest="device", default="auto",
                    help="compute device: auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--modelscope", action="store_true",
+                   help=f"fetch model and dataset hub ids from ModelScope instead of Hugging Face (needs `pip install modelscope`); "
+                   f"the same as {hub.MODELSCOPE_ENV}=1 (AutoRound's variable; 1 or true). Local paths are read as they are")
 
 
 def quantize_parser() -> argparse.ArgumentParser:
@@ -195,7 +191,7 @@ def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | No
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids
+    from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids, check_source
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
     from quantize.export.auto_round import tuning_notes
@@ -228,14 +224,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     name = Path(model_spec).stem if Path(model_spec).exists() else model_spec.replace("/", "--")
     output_dir = check_output_dir(args.output_dir or f"checkpoints/{name}-{scheme.name.replace(' ', '-')}", args.overwrite)
     device = pick_device(args.device)
-    dataset = args.dataset or (BUNDLED if builtin or not hub_reachable() else HUB_DEFAULT)
+    # The default set is on the Hugging Face hub: without it (offline, or ModelScope chosen) the bundled text.
+    hf_default = not builtin and not hub.use_modelscope() and hub.huggingface_reachable()
+    dataset = args.dataset or (HUB_DEFAULT if hf_default else BUNDLED)
+    check_source(dataset)
     evaluate = args.evaluate if args.evaluate is not None else builtin
     progress = not args.quiet
 
     print(f"model      {model_spec}")
     print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
     print(f"tuning     preset {preset}: {cfg.describe()}")
-    print(f"calib      {dataset}" + ("  (hub not reachable: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
+    why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
+    print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
     print(f"device     {device}")
     start = time.time()
     model, tokenizer = load_model(model_spec)
@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     make_parser, run = commands.get(command, (quantize_parser, run_quantize))
     args = make_parser().parse_args(argv[1:] if command else argv)
     torch.manual_seed(getattr(args, "seed", 42))
+    if getattr(args, "modelscope", False):
+        os.environ[hub.MODELSCOPE_ENV] = "1"  # the flag is the variable's spelling on the command line
     try:
         return run(args)
     except (UserError, ValueError, FileNotFoundError) as e:

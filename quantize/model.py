@@ -32,7 +32,8 @@ def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype
 
 
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
-    """(directory or hub id, gguf file name or None). Local paths are checked here, with a clear error."""
+    """(directory or hub id, gguf file name or None). Local paths are checked here, with a clear error;
+    a hub id stays an id for transformers to fetch, unless ModelScope is chosen (quantize.hub)."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -45,7 +46,10 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
         raise UserError(f"{path} has neither a config.json nor a .gguf file: point at a Hugging Face model folder")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec!r} does not exist: check the path, or pass a hub id like 'org/name'")
-    return spec, None
+    from quantize import hub
+
+    where = hub.resolve(spec, "model")
+    return (spec, None) if where == spec else resolve_model_path(where)
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None):
@@ -53,7 +57,11 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     the weights keep the checkpoint's dtype unless ``dtype`` is given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from quantize.requires import GGUF, LOADERS, require
+
     where, gguf = resolve_model_path(spec)
+    if gguf:
+        require(*GGUF, f"reading {gguf}")
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -66,6 +74,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
         raise UserError(f"could not read the model config in {where}: {e}") from e
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{config.model_type} is an encoder-decoder model; supported: {SUPPORTED_FAMILIES}")
+    method = (getattr(config, "quantization_config", None) or {}).get("quant_method")
+    for package in LOADERS.get(method, ()):
+        require(*package, f"loading the {method} checkpoint {spec}")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or "auto", **kwargs)
     except ValueError as e:

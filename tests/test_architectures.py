@@ -15,7 +15,7 @@ from quantize.presets import TuneConfig
 from quantize.quantizer import quantize_model
 from quantize.scheme import Scheme
 
-from conftest import CALIB, GUTENBERG
+from conftest import CALIB, TOKENIZER
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=8192, max_position_embeddings=256)
 FAMILIES = {
@@ -41,7 +41,7 @@ def test_family_round_trip(family, tmp_path):
     model = AutoModelForCausalLM.from_config(cfg_cls(**kwargs)).to(torch.bfloat16)
     src = tmp_path / "src"
     model.save_pretrained(src)
-    transformers.AutoTokenizer.from_pretrained(GUTENBERG).save_pretrained(src)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(src)
 
     model, tok = load_model(str(src))
     blocks = find_blocks(model)

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import quantize  # noqa: F401  (registers the auto-round loader)
 
+from conftest import TOKENIZER
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_gpu.py"
 
 
@@ -22,9 +24,9 @@ def _bench():
     return module
 
 
-def test_benchmark_checkpoints_load_and_agree(gutenberg, tmp_path):
+def test_benchmark_checkpoints_load_and_agree(tmp_path):
     bench = _bench()
-    bench.build_checkpoints(tmp_path, gutenberg, layers=1, schemes=list(bench.SCHEMES), hidden=256, inter=512, heads=4)
+    bench.build_checkpoints(tmp_path, TOKENIZER, layers=1, schemes=list(bench.SCHEMES), hidden=256, inter=512, heads=4)
     names = {"bf16", *bench.SCHEMES, *(f"W4A16-{k}" for k in bench.FORCED)}
     assert {p.name for p in tmp_path.iterdir()} == names
     ids = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263]])

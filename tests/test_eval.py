@@ -10,14 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from quantize.eval import TASKS, evaluate_tasks, format_table, load_eval_ids, perplexity
 from quantize.eval.zeroshot import loglikelihood
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MODEL_DIR = SHARED / "models" / "gutenberg-llama-29m"
-TASKS_DIR = SHARED / "data" / "tasks"
+from conftest import TOKENIZER, shared_path
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(MODEL_DIR)
+    return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +221,14 @@ def test_evaluate_tasks_errors(model, tokenizer, tmp_path):
         evaluate_tasks(model, tokenizer, ["piqa"], tmp_path)
 
 
-@pytest.mark.skipif(not TASKS_DIR.is_dir(), reason="shared task files not available")
 def test_loaders_read_the_shipped_files():
+    tasks_dir = shared_path("data/tasks")
     counts = {"lambada_openai": 5153, "piqa": 1838, "arc_easy": 2376}
     for name, count in counts.items():
-        items = TASKS[name](TASKS_DIR)
+        items = TASKS[name](tasks_dir)
         assert len(items) == count
         assert all(0 <= item.gold < len(item.choices) for item in items)
-    assert TASKS["arc_easy"](TASKS_DIR)[0].context.endswith("food webs?\nAnswer:")
+    assert TASKS["arc_easy"](tasks_dir)[0].context.endswith("food webs?\nAnswer:")
 
 
 def test_format_table():
@@ -247,9 +245,9 @@ def test_format_table():
 
 
 @pytest.mark.slow
-def test_reference_model_perplexity(tokenizer):
+def test_reference_model_perplexity(tokenizer, gutenberg):
     # README: 41.54 on the first 300 windows in bf16; the first 20 alone give about 57.7.
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16).eval()
-    ids = load_eval_ids(SHARED / "data" / "gutenberg" / "heldout.txt", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(gutenberg, dtype=torch.bfloat16).eval()
+    ids = load_eval_ids(shared_path("data/gutenberg/heldout.txt"), tokenizer)
     ppl = perplexity(model, ids, seqlen=512, max_windows=20, progress=False)
     assert math.isfinite(ppl) and 20 < ppl < 80

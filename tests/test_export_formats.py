@@ -49,7 +49,7 @@ def _quantize(tiny, path, scheme, layer_config=None):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, gutenberg):
+def ckpts(tmp_path_factory):
     work = tmp_path_factory.mktemp("export")
     tiny = build_tiny_llama(work / "tiny", hidden=256, intermediate=512, layers=2)
     return {
@@ -60,7 +60,7 @@ def ckpts(tmp_path_factory, gutenberg):
 
 
 @pytest.fixture(scope="module")
-def low_ckpts(tmp_path_factory, gutenberg):
+def low_ckpts(tmp_path_factory):
     """2- and 3-bit checkpoints for Q2_K/Q3_K: every group size the scheme offers splits into 16s."""
     work = tmp_path_factory.mktemp("export_low")
     tiny = build_tiny_llama(work / "tiny", hidden=256, intermediate=512, layers=2)

@@ -8,9 +8,9 @@ On a tiny random Llama (hidden 128, intermediate 256, 2 layers: every dimension 
   must reproduce our in-memory quantized model, and our checkpoint must have the layout of Intel's own
   (same format-defining ``quantization_config`` fields, same tensor names, dtypes and shapes).
 
-Intel's code runs in subprocesses that never import ``quantize``: ``import quantize`` replaces transformers'
-"auto-round" registry entries (which call into Intel's package) with ours. They write what they computed
-with ``torch.save``; this process compares.
+Intel's code runs in subprocesses that never import ``quantize`` and set ``QUANTIZE_LLM_NO_AUTOLOAD=1``: an
+installed quantize-llm, like ``import quantize``, replaces transformers' "auto-round" registry entries (which call
+into Intel's package) with ours. They write what they computed with ``torch.save``; this process compares.
 
 What "the same" means:
 
@@ -190,7 +190,8 @@ assert "quantize" not in sys.modules
 
 
 def run_intel(script: str, args: dict, cwd: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # everything it needs is local
+    # Everything it needs is local; and an installed quantize-llm must not take over transformers' "auto-round".
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "QUANTIZE_LLM_NO_AUTOLOAD": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -206,7 +207,7 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(work, gutenberg) -> Path:  # `gutenberg` skips where the reference model's tokenizer is missing
+def tiny(work) -> Path:
     return build_tiny_llama(work / "tiny", hidden=128, intermediate=256, layers=2)
 
 

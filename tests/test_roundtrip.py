@@ -19,9 +19,15 @@ from quantize.presets import TuneConfig
 from quantize.quantizer import quantize_model
 from quantize.scheme import Scheme
 
-from conftest import CALIB
+from conftest import CALIB, build_tiny_llama
 
 PROMPT = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263, 2217, 310, 278]])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A random 4-block Llama whose widths (256, 512) every group size divides."""
+    return build_tiny_llama(tmp_path_factory.mktemp("roundtrip") / "llama", hidden=256, intermediate=512, layers=4)
 
 
 def quantize_and_save(path, out, scheme, layer_config=None, iters=2):
@@ -41,8 +47,8 @@ def quantize_and_save(path, out, scheme, layer_config=None, iters=2):
     (Scheme(2, 32, True), {"mlp.down_proj": {"bits": 8}, r"layers\.1\.self_attn\.q_proj": {"bits": 16}}, "auto_round:auto_gptq"),
     (Scheme(8, -1, True), None, "auto_round:auto_gptq"),
 ])
-def test_save_load_same_logits_and_text(gutenberg, tmp_path, scheme, layer_config, packing):
-    model, result = quantize_and_save(gutenberg, tmp_path / "ckpt", scheme, layer_config)
+def test_save_load_same_logits_and_text(llama, tmp_path, scheme, layer_config, packing):
+    model, result = quantize_and_save(llama, tmp_path / "ckpt", scheme, layer_config)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "auto-round" and cfg["packing_format"] == packing
     assert json.loads((tmp_path / "ckpt" / "quantization_config.json").read_text()) == cfg
@@ -57,8 +63,8 @@ def test_save_load_same_logits_and_text(gutenberg, tmp_path, scheme, layer_confi
     assert torch.equal(model.generate(PROMPT, **kw), loaded.generate(PROMPT, **kw))
 
 
-def test_extra_config_matches_plan(gutenberg, tmp_path):
-    _, result = quantize_and_save(gutenberg, tmp_path / "ckpt", Scheme(4, 128, True),
+def test_extra_config_matches_plan(llama, tmp_path):
+    _, result = quantize_and_save(llama, tmp_path / "ckpt", Scheme(4, 128, True),
                                   {"layers.0.mlp.down_proj": {"bits": 8}, r"layers\.1\.self_attn\.q_proj": {"bits": 16}}, iters=0)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert cfg["extra_config"] == {"model.layers.0.mlp.down_proj": {"bits": 8}, "model.layers.1.self_attn.q_proj": {"bits": 16}}
@@ -83,8 +89,8 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_loader_refuses_bad_checkpoints(gutenberg, tmp_path):
-    quantize_and_save(gutenberg, tmp_path / "ok", Scheme(4, 128, True), iters=0)
+def test_loader_refuses_bad_checkpoints(llama, tmp_path):
+    quantize_and_save(llama, tmp_path / "ok", Scheme(4, 128, True), iters=0)
 
     def variant(name, edit_config=None, drop_tensor=None):
         dst = tmp_path / name
@@ -112,11 +118,11 @@ def test_loader_refuses_bad_checkpoints(gutenberg, tmp_path):
         AutoModelForCausalLM.from_pretrained(missing)
 
 
-def test_loader_refuses_wrong_shapes(gutenberg, tmp_path):
-    quantize_and_save(gutenberg, tmp_path / "ok", Scheme(4, 128, True), iters=0)
+def test_loader_refuses_wrong_shapes(llama, tmp_path):
+    quantize_and_save(llama, tmp_path / "ok", Scheme(4, 128, True), iters=0)
     cfg_path = tmp_path / "ok" / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"]["group_size"] = 64  # the tensors were written for 128
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.\S+: tensor \S+\.qzeros has shape \[4, 64\], expected \[8, 64\]"):
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.\S+: tensor \S+\.qzeros has shape \[2, 32\], expected \[4, 32\]"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ok")

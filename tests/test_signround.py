@@ -1,4 +1,5 @@
-"""SignRound on a real block of the reference model: tuning must beat round-to-nearest."""
+"""SignRound on a real block of a pretrained model (the reference model, or SmolLM2-135M without the
+shared data): tuning must beat round-to-nearest."""
 
 import contextlib
 import copy
@@ -17,21 +18,23 @@ from quantize.signround import tune_block
 from conftest import CALIB
 
 
-def _first_block_setup(gutenberg):
-    model, tok = load_model(str(gutenberg))
+@pytest.fixture(scope="module")
+def first_block(pretrained):
+    """Block 1 of the model with its calibration inputs and targets, built once (loading SmolLM2 takes ~15 s)."""
+    model, tok = load_model(pretrained)
     blocks = find_blocks(model)
     ids = calibration_ids(str(CALIB), tok, nsamples=16, seqlen=128, seed=0)
     x, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), torch.float32)
     block = copy.deepcopy(blocks.modules[1]).float()  # block 1: its inputs went through block 0
     x = _run_block(blocks.modules[0].float(), x, kwargs, 8, False)
     targets = _run_block(block, x, kwargs, 8, False)
-    layers = {n: Scheme(2, 128, True) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = {n: Scheme(2, 64, True) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     return block, layers, x, targets, kwargs
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-grads", "fp8-grads"])
-def test_signround_beats_rtn(gutenberg, fp8):
-    block, layers, x, targets, kwargs = _first_block_setup(gutenberg)
+def test_signround_beats_rtn(first_block, fp8):
+    block, layers, x, targets, kwargs = first_block
     rtn = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, TuneConfig(iters=0, nsamples=16, batch_size=4), torch.Generator().manual_seed(0))
     tuned_block = copy.deepcopy(block)
     cfg = TuneConfig(iters=40, nsamples=16, batch_size=4, fp8_grads=fp8)
@@ -112,8 +115,8 @@ def test_clip_search_picks_the_grid_factor_with_least_weighted_error():
     torch.testing.assert_close(error(clip), brute)
 
 
-def test_clip_initialisation_tunes_from_the_searched_factors(gutenberg):
-    block, layers, x, targets, kwargs = _first_block_setup(gutenberg)
+def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
+    block, layers, x, targets, kwargs = first_block
     cfg = TuneConfig(iters=10, nsamples=16, batch_size=4, init_clip=True)
     tuned = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
     assert tuned.loss_after < tuned.loss_before

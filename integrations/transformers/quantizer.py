@@ -30,7 +30,7 @@ def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -
         why = layout_fits(ckpt.layout, scheme.bits, k, n)
         if why:
             raise ConfigError(f"layer {name}: {why} (packing_format {ckpt.packing_format})")
-        spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, ckpt.layout, k, n)
+        spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, ckpt.layout, k, n, module.weight.dtype)
         qlinear = QuantLinear(spec, module.bias is not None, module.weight.dtype, kernel)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, qlinear)

@@ -146,7 +146,8 @@ class AutoRoundLinearMethod(LinearMethodBase):
         for name, p in params.items():
             layer.register_parameter(name, p)
         layer.quant_spec = LinearSpec(
-            self.scheme.bits, self.scheme.group_size, self.scheme.sym, self.layout, input_size_per_partition, out_per_rank
+            self.scheme.bits, self.scheme.group_size, self.scheme.sym, self.layout, input_size_per_partition, out_per_rank,
+            params_dtype,
         )
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ import torch
 from quantize.export.hf_folder import write_hf_folder
 from quantize.export.registry import ExportError, exporter
 from quantize.export.source import ExportSource
+from quantize.requires import COMPRESSED_TENSORS
 from quantize.scheme import Scheme
 
 
@@ -77,7 +78,7 @@ def _round_trips(packed: dict, w, scheme) -> bool:
     return torch.equal(back.to(torch.float16), w.dequantize(torch.float16))
 
 
-@exporter("llm_compressor", summary="compressed-tensors pack-quantized (LLM Compressor's format)")
+@exporter("llm_compressor", summary="compressed-tensors pack-quantized (LLM Compressor's format)", requires=COMPRESSED_TENSORS)
 def write_compressed_tensors(source: ExportSource, folder: Path, option: str | None = None) -> None:
     from compressed_tensors.compressors import ModelCompressor
 

@@ -19,6 +19,7 @@ import torch
 from quantize.export.gguf_blocks import BlockError, encode
 from quantize.export.registry import ExportError, exporter
 from quantize.export.source import ExportSource
+from quantize.requires import GGUF
 
 # preset -> (base type, llama.cpp file type name); the per-tensor mix is tensor_type's
 PRESETS = {
@@ -202,7 +203,8 @@ def _quantized(source: ExportSource, name: str, preset: str) -> tuple[np.ndarray
         ) from None
 
 
-@exporter("gguf", options=tuple(PRESETS), summary="llama.cpp GGUF; our codes in Q4_0/Q4_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K blocks")
+@exporter("gguf", options=tuple(PRESETS), summary="llama.cpp GGUF; our codes in Q4_0/Q4_1/Q8_0/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K blocks",
+          requires=GGUF)
 def write_gguf(source: ExportSource, folder: Path, option: str | None) -> None:
     import gguf
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 from quantize.export.atomic import atomic_dir
 from quantize.model import UserError
+from quantize.requires import require
 
 
 class ExportError(UserError):
@@ -23,14 +24,15 @@ class Exporter:
     write: Callable
     options: tuple[str, ...] = ()  # allowed ``name:option`` values; empty: the format takes none
     summary: str = ""
+    requires: tuple[str, str] | None = None  # (module, pip requirement) of an optional package it writes with
 
 
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def exporter(name: str, options: tuple[str, ...] = (), summary: str = ""):
+def exporter(name: str, options: tuple[str, ...] = (), summary: str = "", requires: tuple[str, str] | None = None):
     def register(write: Callable) -> Callable:
-        EXPORTERS[name] = Exporter(write, options, summary)
+        EXPORTERS[name] = Exporter(write, options, summary, requires)
         return write
 
     return register
@@ -55,7 +57,8 @@ def _known() -> str:
 
 
 def parse_formats(text: str) -> list[FormatSpec]:
-    """``"auto_round,auto_gptq,gguf:q4_k_m"`` -> specs, every name and option checked."""
+    """``"auto_round,auto_gptq,gguf:q4_k_m"`` -> specs, every name and option checked, and every optional
+    package a format needs imported now: a missing one fails before the model loads or tuning starts."""
     specs = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -69,6 +72,8 @@ def parse_formats(text: str) -> list[FormatSpec]:
             raise UserError(f"format {name} needs one of its types, e.g. {name}:{allowed[0]}; choose from {', '.join(allowed)}")
         if not allowed and option:
             raise UserError(f"format {name} takes no ':{option}' option")
+        if EXPORTERS[name].requires:
+            require(*EXPORTERS[name].requires, f"format {name}")
         spec = FormatSpec(name, option)
         if spec in specs:
             raise UserError(f"format {spec.label} is listed twice")
