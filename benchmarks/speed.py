@@ -260,7 +260,8 @@ def main() -> None:
             print(f"--- {shape} {tool}", flush=True)
             if result_file.exists():
                 result_file.unlink()
-            proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            # The opt-out keeps an installed quantize-llm from registering itself in Intel's worker.
+            proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", "QUANTIZE_LLM_NO_AUTOLOAD": "1"})
             if proc.returncode != 0 or not result_file.exists():
                 info["rows"].append({"shape": shape, "tool": tool, "error": f"worker exit {proc.returncode}"})
                 save()

@@ -21,7 +21,15 @@ What "the same" means:
   width or layout shows. The set of quantized layers (and their bit widths) must match too.
 - Logits: Intel's loader forces the model to float16 on the CPU (its torch kernels do not list float32);
   ours run in float32. So ``max |ours - intel| <= LOGIT_RTOL * max |intel|``.
-- Our RTN checkpoint's packed tensors equal Intel's RTN checkpoint's, byte for byte.
+- Our RTN checkpoint's packed tensors equal Intel's RTN checkpoint's, byte for byte, when both compute in
+  float32. Intel's CPU path picks its compute dtype by the processor: where the CPU reports AVX512_BF16
+  (CPUID leaf 7.1, ``auto_round.utils.device.CpuInfo``) its default ``amp=True`` casts the model to
+  bfloat16 and computes each group's range ``(max - min) / maxq`` in bfloat16 before the float16 scale;
+  elsewhere it computes in float32. So the byte-for-byte comparison runs Intel with ``amp=False`` (float32
+  on every CPU), and a second one runs Intel's default: on a bf16 CPU its asymmetric scales differ from
+  ours by bfloat16 rounding (relative 2^-8 of the range) and its zero points and codes follow, so the
+  stated tolerance there is on the dequantized weights: within one quantization step of ours. (Symmetric
+  scales divide by a power of two, exact in bfloat16: those stay byte-identical either way.)
 
 Intel's loader cannot load ``auto_round:auto_awq`` (4-bit asym) on a CPU without ``auto-round-lib``,
 ``gptqmodel`` or ``autoawq``: backend selection (auto_round/inference/backend.py) falls back to
@@ -60,6 +68,8 @@ from quantize.export.auto_round import packed_state_dict, save_auto_round  # noq
 from quantize.integrations.transformers.modules import QuantLinear  # noqa: E402
 from quantize.layer_config import plan_layers  # noqa: E402
 from quantize.model import find_blocks, load_model  # noqa: E402
+from quantize.numerics import dequantize  # noqa: E402
+from quantize.packing import PackedLinear, unpack  # noqa: E402
 from quantize.presets import TuneConfig  # noqa: E402
 from quantize.quantizer import quantize_model  # noqa: E402
 from quantize.scheme import Scheme  # noqa: E402
@@ -90,6 +100,8 @@ FORMATS = {
 # quantization_config fields that define the checkpoint (the others are tuning notes).
 FORMAT_KEYS = ("quant_method", "packing_format", "bits", "group_size", "sym", "data_type", "block_name_to_quantize", "extra_config")
 PACKED = ("qweight", "qzeros", "scales")
+ASYM = [name for name, f in FORMATS.items() if not f.scheme.sym]
+AMP = "@amp"  # suffix of the checkpoints Intel wrote with its default amp=True
 
 # --- Intel's side: scripts run with a fresh interpreter that never imports `quantize` ---------------------
 
@@ -106,7 +118,7 @@ for name, f in args["formats"].items():
     # RTN through the regular (model-loading) flow: disable_opt_rtn skips the slow scale search, and
     # disable_model_free keeps it off the shard-by-shard route (another code path, with a process pool).
     ar = AutoRound(args["model"], tokenizer=tok, bits=f["bits"], group_size=f["group_size"], sym=f["sym"],
-                   layer_config=f["layer_config"], iters=0, disable_opt_rtn=True, disable_model_free=True,
+                   layer_config=f["layer_config"], iters=0, disable_opt_rtn=True, disable_model_free=True, amp=f["amp"],
                    dataset=texts, nsamples=4, seqlen=32, batch_size=2, device_map="cpu", seed=0)
     ar.quantize_and_save(str(Path(args["out"]) / name), format="auto_round")
 assert "quantize" not in sys.modules
@@ -216,12 +228,14 @@ def intel_checkpoints(tiny, work) -> dict[str, Path]:
     """Checkpoints Intel wrote; it puts each in a subfolder named after the model and scheme."""
     out = work / "intel"
     formats = {
-        name: {"bits": f.scheme.bits, "group_size": f.scheme.group_size, "sym": f.scheme.sym, "layer_config": f.layer_config}
+        name + suffix: {"bits": f.scheme.bits, "group_size": f.scheme.group_size, "sym": f.scheme.sym,
+                        "layer_config": f.layer_config, "amp": amp}
         for name, f in FORMATS.items()
+        for suffix, amp in [("", False)] + ([(AMP, True)] if name in ASYM else [])
     }
     run_intel(INTEL_QUANTIZE, {"model": str(tiny), "out": str(out), "calib": str(bundled_path("calib.txt")), "formats": formats}, work)
     found = {}
-    for name in FORMATS:
+    for name in formats:
         configs = list((out / name).glob("*/config.json"))
         assert len(configs) == 1, f"expected one checkpoint folder under {out / name}, found {configs}"
         found[name] = configs[0].parent
@@ -265,7 +279,7 @@ def our_checkpoints(tiny, work) -> dict[str, Ours]:
 @pytest.fixture(scope="module")
 def intel_reference(intel_checkpoints, our_checkpoints, work) -> dict[tuple[str, str], dict]:
     """What Intel's inference code computes for every checkpoint: ("intel" | "ours", format) -> results."""
-    jobs = {("intel", n): p for n, p in intel_checkpoints.items()} | {("ours", n): o.path for n, o in our_checkpoints.items()}
+    jobs = {("intel", n): intel_checkpoints[n] for n in FORMATS} | {("ours", n): o.path for n, o in our_checkpoints.items()}
     outs = {key: work / f"ref-{key[0]}-{key[1]}.pt" for key in jobs}
     run_intel(INTEL_REFERENCE, {"prompt": PROMPT, "jobs": [{"path": str(jobs[k]), "out": str(outs[k])} for k in jobs]}, work)
     return {key: torch.load(out) for key, out in outs.items()}
@@ -395,3 +409,29 @@ def test_our_rtn_is_intels_rtn(fmt, tiny, intel_checkpoints):
     assert packed and packed == sorted(k for k in ours if k.rpartition(".")[2] in PACKED)
     differ = [k for k in packed if not torch.equal(ours[k], intel[k])]
     assert not differ, f"{len(differ)} of {len(packed)} packed tensors differ from Intel's, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize("fmt", ASYM)
+def test_intels_default_cpu_rtn_is_ours_within_bf16_rounding(fmt, tiny, intel_checkpoints):
+    """Intel's default (amp=True): float32 on CPUs without AVX512_BF16, so byte-identical there; bfloat16
+    range arithmetic where the CPU has it, so scales within bf16 rounding and weights within one step."""
+    model, _, result = quantize_ours(tiny, fmt, iters=0)
+    layout = PACKING_FORMATS[FORMATS[fmt].packing]
+    ours = packed_state_dict(model, result, layout)
+    intel = {}
+    for f in intel_checkpoints[fmt + AMP].glob("*.safetensors"):
+        intel.update(load_file(f))
+    if not torch.cpu._is_avx512_bf16_supported():
+        assert all(torch.equal(ours[k], intel[k]) for k in intel if k.rpartition(".")[2] in PACKED)
+        return
+    for name, qw in result.weights.items():
+        n, k = qw.q.shape
+        theirs = unpack(layout, PackedLinear(*(intel[f"{name}.{t}"] for t in PACKED)), qw.scheme.bits, k, n)
+        scale_err = ((theirs[1].float() - qw.scales.float()).abs() / qw.scales.float()).max().item()
+        assert scale_err <= 2 ** -7, (name, scale_err)  # bf16 rounding of the range, then float16 rounding
+        # A zero point one apart shifts a weight by one step; the scale's own difference adds up to
+        # scale_err * |q - z| <= scale_err * maxq steps.
+        step = qw.scales.float().repeat_interleave(k // qw.scales.shape[1], dim=1)
+        diff = (dequantize(*theirs) - qw.dequantize(torch.float32)).abs()
+        bound = 1 + 2 ** -7 * (2 ** qw.scheme.bits - 1)
+        assert (diff <= step * bound).all(), (name, (diff / step).max().item(), bound)

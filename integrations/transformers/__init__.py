@@ -3,7 +3,8 @@ checkpoints through quantize.kernels, with Intel's ``auto_round`` package absent
 
 transformers ships its own "auto-round" entries, which call into Intel's package, and its public
 ``register_quantizer`` refuses names that exist; so :func:`register` sets the two registry entries
-directly. ``import quantize`` calls it.
+directly. It runs when transformers imports its quantizer registry, in every process where quantize-llm
+is installed (unless ``QUANTIZE_LLM_NO_AUTOLOAD`` is set) or ``quantize`` is imported: see autoload.py.
 """
 
 from __future__ import annotations
