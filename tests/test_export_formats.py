@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+import transformers
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 from quantize.calib import calibration_ids
@@ -166,7 +168,16 @@ def test_awq_keeps_what_it_cannot_hold_dequantized(ckpts, tmp_path):
     assert torch.equal(tensors["model.layers.0.mlp.down_proj.weight"], src.dequantized("model.layers.0.mlp.down_proj"))
 
 
-@pytest.mark.parametrize("kind", ["sym", "asym", "mixed"])
+# transformers 5.24's dequantize-on-load path decompresses every dense layer with one scheme
+# (integrations/compressed_tensors.py: get_dense_scheme), so a mixed-bits checkpoint's 8-bit layer comes out
+# wrong (an LLM Compressor or Intel AutoRound mixed export alike); 5.19 loads it. Strict: passes again when fixed.
+MIXED_BROKEN = pytest.mark.xfail(
+    Version(transformers.__version__) >= Version("5.24"), strict=True,
+    reason="transformers >= 5.24 dequantizes every layer of a compressed-tensors checkpoint with one scheme",
+)
+
+
+@pytest.mark.parametrize("kind", ["sym", "asym", pytest.param("mixed", marks=MIXED_BROKEN)])
 def test_llm_compressor_loads_in_transformers(kind, ckpts, tmp_path):
     (out,) = convert(ckpts[kind], "llm_compressor", tmp_path / "ct")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
