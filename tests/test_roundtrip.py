@@ -58,9 +58,19 @@ def test_save_load_same_logits_and_text(llama, tmp_path, scheme, layer_config, p
     assert qlayers == set(result.weights)
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(PROMPT).logits, loaded(PROMPT).logits)
-    kw = dict(max_new_tokens=12, do_sample=False)
-    assert torch.equal(model.generate(PROMPT, **kw), loaded.generate(PROMPT, **kw))
+        want, got = model(PROMPT).logits, loaded(PROMPT).logits
+    kernels = {m.kernel.name for m in loaded.modules() if isinstance(m, QuantLinear)}
+    if kernels == {"torch"}:
+        # The portable path multiplies by exactly the in-memory model's dequantized weights.
+        assert torch.equal(want, got)
+        kw = dict(max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(PROMPT, **kw), loaded.generate(PROMPT, **kw))
+    else:
+        # vLLM's CPU int4 GEMM (a process that loaded vLLM, on an AVX-512 CPU: 4-bit bf16 layers) rounds in
+        # its own order: as far from the float32 model as the bf16 model itself (0.7-0.9% vs 0.7% relative,
+        # measured on this model), and up to 1.1% from the bf16 in-memory model.
+        assert kernels <= {"torch", "vllm_cpu"}, kernels
+        assert ((got - want).float().norm() / want.float().norm()).item() < 2e-2
 
 
 def test_extra_config_matches_plan(llama, tmp_path):
