@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(getattr(args, "seed", 42))
     if getattr(args, "modelscope", False):
         os.environ[hub.MODELSCOPE_ENV] = "1"  # the flag is the variable's spelling on the command line
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its loading bars (GGUF conversion, weights) too
     try:
         return run(args)
     except (UserError, ValueError, FileNotFoundError) as e:
