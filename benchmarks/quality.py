@@ -38,7 +38,8 @@ ANCHORS = {
 
 
 # Our tool's variants for side-by-side checks of one setting: TuneConfig fields over the preset's.
-OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"init_clip": True}, "ours-noclip": {"init_clip": False}}
+OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"init_clip": True}, "ours-noclip": {"init_clip": False},
+                 "ours-fp32": {"amp": False}, "ours-bf16": {"amp": True}}
 
 
 def intel_settings(cfg) -> dict:
@@ -101,10 +102,11 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
                    "ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
-                   "clipping search before tuning")
+                   "clipping search before tuning; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--iters", type=int, default=None, help="override the presets' iters (smoke tests)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="our compiled qdq (auto: by block size)")
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no new tuning run after this")
@@ -179,7 +181,7 @@ def main() -> None:
                 info.setdefault("skipped", []).append(f"{scheme_name}:{preset}:{tool}")
                 continue
             scheme = get_scheme(scheme_name)
-            over = dict(nsamples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=8, iters=args.iters)
+            over = dict(nsamples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=args.batch_size, iters=args.iters)
             cfg = get_preset(preset, **over, compile=compile_flag)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -98,7 +98,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient_accumulate_steps", "--grad-accum", dest="grad_accum", type=int, help="batches per step")
     t.add_argument("--disable_quanted_input", "--fp-inputs", action="store_true", help="tune each block on full-precision inputs instead of the quantized blocks' outputs")
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not the clipping range")
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA, off on the CPU)")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast with float32 master weights (default: on for CUDA and for CPUs with bf16 matrix instructions, AMX or AVX512_BF16; off on other CPUs, where bf16 is slow)")
     t.add_argument("--init-clip", action=argparse.BooleanOptionalAction, default=None, help="start each group's clipping from a search that minimises the activation-weighted rounding error (default: on for 2- and 3-bit layers)")
     t.add_argument("--fp8-grads", action="store_true", default=None, help="backward products in float8 on GPUs with float8 tensor cores (H100/H200/Ada): the descent reads only gradient signs; about 5%% faster tuning of 7B-sized blocks, perplexity within noise but 0.4%% worse on average in our runs")
     t.add_argument("--dataset", default=None, help="calibration: a .txt/.jsonl file, 'bundled', or a hub dataset id (default: NeelNanda/pile-10k when the hub is reachable, else bundled)")
@@ -198,7 +198,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.export.registry import export, parse_formats
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
-    from quantize.model import check_finite, compute_dtype, find_blocks, load_model
+    from quantize.model import check_finite, compute_dtype, default_amp, describe_compute, find_blocks, load_model
     from quantize.presets import get_preset
     from quantize.quantizer import quantize_model
     from quantize.scheme import get_scheme
@@ -236,7 +236,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"tuning     preset {preset}: {cfg.describe()}")
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
-    print(f"device     {device}")
+    print(f"device     {device}: {describe_compute(device, cfg.amp if cfg.amp is not None else default_amp(device))}")
     start = time.time()
     model, tokenizer = load_model(model_spec)
     check_finite(model)

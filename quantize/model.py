@@ -27,8 +27,28 @@ class Blocks:
 
 
 def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    # CPUs without bf16 matrix units run bf16 matmuls ~50x slower than float32: compute in float32 there.
+    # On the CPU activations and master weights stay float32; bf16 comes in through autocast (default_amp).
     return model_dtype if device.type == "cuda" else torch.float32
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices faster than float32: AMX tiles or AVX512_BF16 (an AMX Xeon:
+    ~4x). AVX2-only CPUs have no bf16 arithmetic and run bf16 matmuls far slower than float32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def default_amp(device: torch.device) -> bool:
+    """bf16 autocast for tuning: on CUDA, and on CPUs with bf16 matrix instructions."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_fast())
+
+
+def describe_compute(device: torch.device, amp: bool) -> str:
+    """The run header's word on how tuning computes, and why."""
+    if device.type != "cpu":
+        return "bf16 autocast" if amp else "float32"
+    if amp:
+        return "bf16 autocast, float32 master weights" + (" (this CPU has bf16 matrix instructions)" if cpu_bf16_fast() else " (--amp)")
+    return "float32" + (" (no bf16 matrix instructions on this CPU)" if not cpu_bf16_fast() else " (--no-amp)")
 
 
 def resolve_model_path(spec: str) -> tuple[str, str | None]:

@@ -16,7 +16,7 @@ class TuneConfig:
     grad_accum: int = 1
     quantized_inputs: bool = True  # block i tunes on the outputs of the already-quantized blocks < i
     minmax_tuning: bool = True
-    amp: bool | None = None  # None: bf16 autocast on CUDA, float32 on the CPU
+    amp: bool | None = None  # None: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (default_amp)
     # torch.compile each block's tuning step (quantize-dequantize, forward, backward) and its forward passes.
     # None: on CUDA for blocks of at least COMPILE_MIN_WEIGHTS weights, where it pays for its compile time.
     compile: bool | None = None
