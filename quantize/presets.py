@@ -18,7 +18,8 @@ class TuneConfig:
     minmax_tuning: bool = True
     amp: bool | None = None  # None: bf16 autocast on CUDA and on CPUs with bf16 matrix instructions (default_amp)
     # torch.compile each block's tuning step (quantize-dequantize, forward, backward) and its forward passes.
-    # None: on CUDA for blocks of at least COMPILE_MIN_WEIGHTS weights, where it pays for its compile time.
+    # None: on CUDA for blocks of at least COMPILE_MIN_WEIGHTS weights, on the CPU for runs of at least
+    # CPU_COMPILE_MIN_STEPS steps (iters x blocks): where it pays for its compile time.
     compile: bool | None = None
     # Backward products in float8 (quantize.fp8_grads: the descent reads only gradient signs). Off by
     # default: 5% faster on a 7B block, but 0.4% worse perplexity on average in four side-by-side runs.

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, default_amp
 from quantize.presets import TuneConfig
-from quantize.signround import QuantizedWeight, block_forward, compiles, tune_block
+from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
 
 
 @dataclass
@@ -62,6 +62,7 @@ def quantize_model(
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
     amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    cfg = settle_compile(cfg, device, len(blocks.modules))
     fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
     _check_finite(fp_inputs, "entering the first block")
     q_inputs = fp_inputs

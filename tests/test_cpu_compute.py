@@ -48,3 +48,18 @@ def test_both_modes_tune_below_rtn(block_setup, amp):
     for name, qw in tuned.weights.items():
         weight = tuned_block.get_submodule(name).weight
         assert weight.dtype == torch.float32 and torch.equal(weight, qw.dequantize(torch.float32))
+
+
+
+def test_cpu_compiles_only_runs_long_enough_to_pay():
+    """Compiling costs ~18 s per block shape on the CPU: a run compiles when iters x blocks reaches
+    CPU_COMPILE_MIN_STEPS; an explicit choice stands, and CUDA keeps its own (block size) rule."""
+    from quantize.signround import CPU_COMPILE_MIN_STEPS, settle_compile
+
+    light = TuneConfig(iters=50)
+    assert settle_compile(light, CPU, 30).compile is True  # SmolLM2-135M: 1500 steps
+    assert settle_compile(light, CPU, 8).compile is False  # the 8-block reference model: 400 steps
+    assert settle_compile(TuneConfig(iters=CPU_COMPILE_MIN_STEPS), CPU, 1).compile is True
+    assert settle_compile(TuneConfig(iters=0), CPU, 100).compile is False
+    assert settle_compile(TuneConfig(iters=50, compile=False), CPU, 30).compile is False
+    assert settle_compile(light, torch.device("cuda"), 30).compile is None
