@@ -198,7 +198,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.export.registry import export, parse_formats
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
-    from quantize.model import check_finite, compute_dtype, default_amp, describe_compute, find_blocks, load_model
+    from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
     from quantize.presets import get_preset
     from quantize.quantizer import quantize_model
     from quantize.scheme import get_scheme
@@ -236,7 +236,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"tuning     preset {preset}: {cfg.describe()}")
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
-    print(f"device     {device}: {describe_compute(device, cfg.amp if cfg.amp is not None else default_amp(device))}")
+    print(f"device     {device}: {describe_compute(device, uses_amp(cfg.amp, device))}")
     start = time.time()
     model, tokenizer = load_model(model_spec)
     check_finite(model)

@@ -42,6 +42,11 @@ def default_amp(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_bf16_fast())
 
 
+def uses_amp(requested: bool | None, device: torch.device) -> bool:
+    """Whether tuning autocasts to bf16: ``requested`` (``TuneConfig.amp``, ``--amp/--no-amp``) when set."""
+    return default_amp(device) if requested is None else requested
+
+
 def describe_compute(device: torch.device, amp: bool) -> str:
     """The run header's word on how tuning computes, and why."""
     if device.type != "cpu":

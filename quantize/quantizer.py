@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantize.layer_config import LayerPlan
-from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, default_amp
+from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, uses_amp
 from quantize.presets import TuneConfig
 from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
 
@@ -61,7 +61,7 @@ def quantize_model(
     start = time.time()
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
-    amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    amp = uses_amp(cfg.amp, device)
     cfg = settle_compile(cfg, device, len(blocks.modules))
     fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
     _check_finite(fp_inputs, "entering the first block")

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from quantize import fp8_grads
-from quantize.model import UserError, block_output, default_amp
+from quantize.model import UserError, block_output, uses_amp
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
@@ -181,7 +181,7 @@ def tune_block(
     hold the dequantized weights, so the caller can run the quantized block right away.
     """
     device = inputs.device
-    amp = cfg.amp if cfg.amp is not None else default_amp(device)
+    amp = uses_amp(cfg.amp, device)
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
     schemes = {name: (s.bits, s.group_size, s.sym) for name, s in layers.items()}
