@@ -161,3 +161,16 @@ print(sorted({type(m).__module__ + "." + type(m).__name__ for m in lm.model.modu
         logits = AutoModelForCausalLM.from_pretrained(checkpoint)(torch.tensor([whole[:-1]])).logits[0, -len(cont):]
     expected = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
     assert float(logprob) == pytest.approx(expected, rel=1e-2)
+
+
+def test_startup_file_is_silent_where_quantize_is_gone(tmp_path):
+    """A site folder holding quantize-llm.pth but no importable quantize (a stale editable install, a
+    half-removed package): interpreter start stays silent instead of printing a traceback."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "quantize-llm.pth").write_text((Path(__file__).parents[1] / "quantize-llm.pth").read_text())
+    run = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import site; site.addsitedir({str(site)!r}); import sys; print('quantize' in sys.modules)"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )
+    assert run.returncode == 0 and run.stderr == "" and run.stdout.strip() == "False", run
