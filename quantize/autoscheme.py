@@ -493,7 +493,7 @@ class AutoSchemePlan:
 
     def summary(self) -> str:
         counted = "weights only (scale and zero-point bits ignored)" if self.ignore_scale_zp_bits else \
-            "weights + 16-bit scales + asym zero points"
+            "weights + 16-bit scales + zero points of asym schemes"
         names = [option_name(o) for o in self.options]
         lines = [
             f"AutoScheme: target {self.target:g} bits, achieved {self.average:.4f} bits per weight ({counted}; "

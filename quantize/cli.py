@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from quantize import hub
+from quantize.autoscheme import SCORE_NSAMPLES, SCORE_SEQLEN
 from quantize.model import UserError
 
 QUANT_EXAMPLES = """examples:
@@ -23,6 +24,7 @@ QUANT_EXAMPLES = """examples:
   python -m quantize ./model --scheme W3A16 --asym --iters 0          # RTN, no tuning
   python -m quantize ./model --layer_config '{"mlp.down_proj": {"bits": 8}, "layers.0.": {"bits": 16}}'
   python -m quantize ./model --scheme W4A16G32 --asym --format auto_round,auto_gptq,gguf:q4_k_m
+  python -m quantize ./model --schemes W2A16,W4A16 --bits 3              # AutoScheme: mixed, average <= 3 bits
 
 then serve or load the checkpoint:
   vllm serve ./llama-w4 --quantization auto-round
@@ -81,12 +83,31 @@ def quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="model folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
     g = p.add_argument_group("scheme")
     g.add_argument("--scheme", default=None, help="W2A16, W3A16, W4A16, W8A16 (group 128) or their G32/G64 variants (default W4A16)")
-    g.add_argument("--bits", type=int, help="override the scheme's bits (2, 3, 4, 8)")
+    g.add_argument("--bits", type=float, help="override the scheme's bits (2, 3, 4, 8); with --schemes: the target average bits per weight (may be fractional, e.g. 2.5)")
     g.add_argument("--group_size", "--group-size", type=int, help="override the group size (32, 64, 128, -1 = per channel)")
     g.add_argument("--asym", action="store_true", help="asymmetric (zero point per group) instead of symmetric")
     g.add_argument("--layer_config", "--layer-config", help="per-layer overrides: JSON (or a .json file) mapping a layer name or regex to {bits, group_size, sym}; bits 16 keeps a layer")
     g.add_argument("--ignore", "--ignore_layers", "--ignore-layers", default="", help="comma-separated layer names or regexes kept 16-bit")
     g.add_argument("--quant_lm_head", "--quant-lm-head", action="store_true", help="also quantize lm_head (kept 16-bit by default)")
+    a = p.add_argument_group(
+        "AutoScheme (mixed schemes for a target average)",
+        "With --schemes A,B,... --bits X each linear layer gets one of the options so that the average bits per\n"
+        "weight is at most X and the estimated loss is least. The average is over every linear layer in the\n"
+        "blocks (lm_head too with --quant-lm-head; embeddings never). A layer's bits: bits x weights + per\n"
+        "group a 16-bit scale (+ a bits-wide zero point if --asym): W4A16 counts 4.125, W3A16 3.125, W2A16\n"
+        "2.125, W2A16G64 2.25 (--ignore_scale_zp_bits: 4, 3, 2). Each option is scored by quantizing the whole\n"
+        "model to it (round-to-nearest) and summing |dL/dQ(W) * (W - Q(W))| per layer over "
+        f"{SCORE_NSAMPLES} x {SCORE_SEQLEN}\n"
+        "calibration tokens, block by block; an exact dynamic programme then picks the plan. q/k/v and\n"
+        "gate/up always share a scheme (engines fuse them); layers named in --layer_config or --ignore keep\n"
+        "their setting and count at their bits. Options: two or three around the target, e.g. W2A16,W4A16\n"
+        "for 2.2-4.1 bits, W4A16,W8A16 for 4.2-8.1; BF16 lets a layer stay 16-bit. The plan is printed and\n"
+        "saved in the checkpoint (autoscheme_layer_config.json, reusable with --layer_config; autoscheme.txt),\n"
+        "then tuned with SignRound as usual.",
+    )
+    a.add_argument("--schemes", "--options", default=None, help="comma-separated options, e.g. W2A16,W4A16 or W2A16G64,W4A16,BF16 (--group_size and --asym apply to all)")
+    a.add_argument("--avg_bits", "--avg-bits", "--target_bits", "--target-bits", dest="avg_bits", type=float, default=None, help="the target average bits per weight (same as --bits with --schemes)")
+    a.add_argument("--ignore_scale_zp_bits", "--ignore-scale-zp-bits", action="store_true", help="count only bits x weights, not the scales and zero points")
     t = p.add_argument_group("tuning (defaults come from --preset)")
     t.add_argument("--preset", default=None, help="auto-round (200 iters), auto-round-best (1000 iters, 512 samples), auto-round-light (50 iters), rtn (iters 0)")
     t.add_argument("--iters", type=int, help="SignRound steps per block; 0 = RTN (then 8 x 512 calibration tokens unless --nsamples/--seqlen say otherwise: they only feed the logged block losses)")
@@ -191,6 +212,7 @@ def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | No
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from quantize.autoscheme import choose_schemes, option_name
     from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids, check_source
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
@@ -206,7 +228,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     builtin = args.model is None
     defaults = BUILTIN if builtin else {}
     formats = parse_formats(args.format)
-    scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=args.bits, group_size=args.group_size, sym=False if args.asym else None)
+    auto = _autoscheme_args(args)
+    bits = None if auto else args.bits
+    if bits is not None and not float(bits).is_integer():
+        raise UserError(f"--bits {bits:g} is not a whole number: a fractional --bits is a target average, which needs --schemes (e.g. --schemes W2A16,W4A16 --bits {bits:g})")
+    scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=None if bits is None else int(bits), group_size=args.group_size, sym=False if args.asym else None)
     preset = args.preset or defaults.get("preset", "auto-round")
     cfg = get_preset(
         preset,
@@ -222,7 +248,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     model_spec = args.model or builtin_model()
     name = Path(model_spec).stem if Path(model_spec).exists() else model_spec.replace("/", "--")
-    output_dir = check_output_dir(args.output_dir or f"checkpoints/{name}-{scheme.name.replace(' ', '-')}", args.overwrite)
+    run_name = f"auto{auto[1]:g}bits" if auto else scheme.name.replace(' ', '-')
+    output_dir = check_output_dir(args.output_dir or f"checkpoints/{name}-{run_name}", args.overwrite)
     device = pick_device(args.device)
     # The default set is on the Hugging Face hub: without it (offline, or ModelScope chosen) the bundled text.
     hf_default = not builtin and not hub.use_modelscope() and hub.huggingface_reachable()
@@ -232,7 +259,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     print(f"model      {model_spec}")
-    print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
+    if auto:
+        print(f"scheme     AutoScheme: {', '.join(option_name(o) for o in auto[0])} for an average of at most {auto[1]:g} bits per weight")
+    else:
+        print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
     print(f"tuning     preset {preset}: {cfg.describe()}")
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
@@ -241,8 +271,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(model_spec)
     check_finite(model)
     blocks = find_blocks(model)
-    plan = plan_layers(model, blocks.prefix, scheme, _layer_config(args.layer_config),
-                       [p for p in args.ignore.split(",") if p], args.quant_lm_head, layout_for)
+    layer_config, ignore = _layer_config(args.layer_config), [p for p in args.ignore.split(",") if p]
+    auto_plan = None
+    if auto:
+        # AutoScheme runs before tuning: its plan is a layer_config naming every layer, which the planner takes as given.
+        auto_plan = choose_schemes(
+            model, blocks, auto[0], auto[1], calibration_ids(dataset, tokenizer, SCORE_NSAMPLES, SCORE_SEQLEN, cfg.seed),
+            layer_config, ignore, args.quant_lm_head, args.ignore_scale_zp_bits, scheme, layout_for, device, progress=progress)
+        print(auto_plan.summary())
+        layer_config, scheme = auto_plan.layer_config, auto_plan.base_scheme
+    plan = plan_layers(model, blocks.prefix, scheme, layer_config, ignore, args.quant_lm_head, layout_for)
     for layer, why in plan.keep.items():
         if layer.startswith(blocks.prefix + "."):
             print(f"warning: {layer} stays 16-bit: {why}", file=sys.stderr)
@@ -259,13 +297,36 @@ def run_quantize(args: argparse.Namespace) -> int:
     result = quantize_model(model, blocks, plan, calib, cfg, device, progress)
     source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
     folders = export(source, formats, output_dir, args.overwrite)
+    if auto_plan:
+        for folder in folders:
+            (folder / "autoscheme_layer_config.json").write_text(json.dumps(auto_plan.layer_config, indent=1) + "\n")
+            (folder / "autoscheme.txt").write_text(auto_plan.summary() + "\n")
 
     ppl_after = None
     if evaluate:
         model.to(device, compute_dtype(device, model.dtype))
         ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, progress)
     _summary(model, result, folders, time.time() - start, ppl_before, ppl_after)
+    if auto_plan:
+        print(f"  AutoScheme  average {auto_plan.average:.4f} bits per weight (target {auto_plan.target:g}); plan in "
+              f"{folders[0] / 'autoscheme_layer_config.json'} and {folders[0] / 'autoscheme.txt'}")
     return 0
+
+
+def _autoscheme_args(args: argparse.Namespace):
+    """(options, target) when --schemes asks for AutoScheme, else None; bad combinations are refused."""
+    from quantize.autoscheme import parse_options
+
+    target = args.avg_bits if args.avg_bits is not None else (args.bits if args.schemes else None)
+    if not args.schemes:
+        if args.avg_bits is not None or args.ignore_scale_zp_bits:
+            raise UserError("--avg_bits and --ignore_scale_zp_bits belong to AutoScheme: add --schemes, e.g. --schemes W2A16,W4A16 --bits 3")
+        return None
+    if target is None:
+        raise UserError("--schemes needs a target: --bits X (the average bits per weight), e.g. --schemes W2A16,W4A16 --bits 3")
+    if args.avg_bits is not None and args.bits is not None and args.avg_bits != args.bits:
+        raise UserError(f"--bits {args.bits:g} and --avg_bits {args.avg_bits:g} disagree: with --schemes both name the target; give one")
+    return parse_options(args.schemes, args.group_size, False if args.asym else None), target
 
 
 def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl_after) -> None:
