@@ -200,7 +200,10 @@ def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
     """vLLM's Marlin kernel for this layer, prepared as the vLLM plugin prepares it (sym 4/8-bit, vLLM
     installed): its tensors, plus the kernel object under "kernel"; or why it cannot run."""
     try:
-        from quantize.integrations.vllm.linear import make_parameters, marlin_kernel
+        from vllm.model_executor import parameter as vllm_parameter
+
+        from quantize.integrations.packed_linear import make_parameters
+        from quantize.integrations.vllm.linear import marlin_kernel
     except ImportError as e:
         return f"vLLM not importable ({e})"
     from quantize.scheme import Scheme
@@ -212,7 +215,7 @@ def marlin_state(spec: LinearSpec, ckpt: dict, device) -> dict | str:
         return "Marlin does not take this layer"
     vllm_single_rank(device)
     layer = torch.nn.Module()
-    for name, p in make_parameters(scheme, spec.layout, k, n, None).items():
+    for name, p in make_parameters(vllm_parameter, scheme, spec.layout, k, n, None).items():
         p.data = ckpt[name].clone()
         layer.register_parameter(name, p)
     layer.scales.data = layer.scales.data.to(torch.bfloat16)

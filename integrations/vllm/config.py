@@ -12,32 +12,9 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError, is_auto_round
+from quantize.checkpoint import QUANT_METHOD, CheckpointConfig
+from quantize.integrations.packed_linear import claimed_method, merged_scheme, refuse_quantized_lm_head
 from quantize.integrations.vllm.linear import AutoRoundLinearMethod
-from quantize.scheme import Scheme
-
-def part_names(prefix: str, packed_modules_mapping: dict[str, list[str]]) -> list[str]:
-    """The checkpoint layer names behind a vLLM layer: ``...qkv_proj`` is q_proj, k_proj and v_proj."""
-    parent, _, leaf = prefix.rpartition(".")
-    parts = packed_modules_mapping.get(leaf)
-    if not parts:
-        return [prefix]
-    return [f"{parent}.{p}" if parent else p for p in parts]
-
-
-def merged_scheme(config: CheckpointConfig, prefix: str, packed_modules_mapping: dict[str, list[str]]) -> Scheme | None:
-    """The one scheme every part of layer ``prefix`` shares (None: stored unquantized)."""
-    names = part_names(prefix, packed_modules_mapping)
-    schemes = {name: config.layer_scheme(name) for name in names}
-    if len(set(schemes.values())) > 1:
-        detail = ", ".join(f"{n}: {s.name if s else '16-bit'}" for n, s in schemes.items())
-        raise ConfigError(
-            f"layer {prefix}: vLLM fuses {', '.join(n.rpartition('.')[2] for n in names)} into one matrix, but the "
-            f"checkpoint quantizes them differently ({detail}); re-quantize with one scheme for these layers "
-            f"(e.g. a layer_config entry that covers all of them)"
-        )
-    return schemes[names[0]]
-
 
 @register_quantization_config(QUANT_METHOD)
 class AutoRoundVllmConfig(QuantizationConfig):
@@ -75,10 +52,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None) -> str | None:
-        # Take auto_round checkpoints unless the user named another method (e.g. vLLM's own "inc").
-        if is_auto_round(hf_quant_cfg.get("quant_method")) and user_quant in (None, QUANT_METHOD):
-            return QUANT_METHOD
-        return None
+        return claimed_method(hf_quant_cfg, user_quant)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # Models whose vLLM module names differ from the checkpoint's rename our layer names too.
@@ -90,14 +64,11 @@ class AutoRoundVllmConfig(QuantizationConfig):
         )
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        if isinstance(layer, ParallelLMHead) and self.checkpoint.layer_scheme(prefix) is not None:
-            raise ConfigError(
-                f"layer {prefix}: a quantized lm_head is not served by this plugin (vLLM pads and shards the "
-                f"vocabulary of its lm_head); re-quantize without --quant-lm-head, or load it with transformers"
-            )
+        if isinstance(layer, ParallelLMHead):
+            refuse_quantized_lm_head(self.checkpoint, prefix, "vLLM")
         if not isinstance(layer, LinearBase):
             return None  # embeddings and the lm_head stay as vLLM builds them
-        scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping)
+        scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")
         if scheme is None:
             return UnquantizedLinearMethod()
         return AutoRoundLinearMethod(scheme, self.checkpoint.layout, prefix, self.kernel)

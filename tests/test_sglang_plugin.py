@@ -1,0 +1,254 @@
+"""The SGLang plugin on the CPU: SGLang's own parallel linear layers (QKV, gate_up, row-parallel) built
+with our linear method at tp = 1 and 2, each rank loading the full checkpoint tensors through SGLang's
+weight loaders, and its output equal to its share of the unsharded layer's; the refusals; and, in a
+fresh process, the real start-up path: the entry point through ``load_plugins()``, the method detected
+from config.json, SGLang's model loader building a Llama from our checkpoint, every quantized layer
+agreeing with the transformers integration. SGLang cannot serve on these CPUs (serving is tested on the
+GPU machine: e2e/README.md), but its layers run here with ``pip install --no-deps sglang==0.5.21``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CALIB, REPO, build_tiny_llama
+from quantize.checkpoint import CheckpointConfig, ConfigError, layout_for
+from quantize.kernels import KERNELS, LinearSpec
+from quantize.numerics import quantize_weight
+from quantize.packing import pack
+from quantize.scheme import Scheme
+from sglang_env import import_sglang
+
+why = import_sglang()
+if why:
+    pytest.skip(why, allow_module_level=True)
+
+from sglang.srt.layers import linear as sglang_linear  # noqa: E402
+from sglang.srt.layers import quantization as sglang_quantization  # noqa: E402
+
+from quantize.integrations.sglang import register  # noqa: E402
+from quantize.integrations.sglang.config import AutoRoundSglangConfig  # noqa: E402
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 256, 4, 2, 64, 512
+FORMATS = {"gptq": "auto_round:auto_gptq", "awq": "auto_round:auto_awq", "auto_round": "auto_round"}
+
+
+def _config(scheme: Scheme, layout: str | None = None, **extra) -> AutoRoundSglangConfig:
+    cfg = {"quant_method": "auto-round", "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
+           "packing_format": FORMATS[layout or layout_for(scheme)], "block_name_to_quantize": "model.layers", **extra}
+    return AutoRoundSglangConfig.from_config(cfg)
+
+
+def _packed(scheme: Scheme, layout: str, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, s, z = quantize_weight(torch.randn(n, k, generator=g), scheme.bits, scheme.group_size, scheme.sym)
+    return pack(layout, q, s, z, scheme.bits)
+
+
+def _reference(scheme, layout, packed, n, k, x):
+    spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n)
+    kern = KERNELS["torch"]
+    state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
+    state.update(kern.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
+    return kern.apply(spec, state, x, None)
+
+
+def _build(kind: str, qc, prefix: str, rank: int = 0, size: int = 1):
+    common = dict(bias=False, quant_config=qc, prefix=prefix, params_dtype=torch.float32, tp_rank=rank, tp_size=size)
+    if kind == "qkv":
+        return sglang_linear.QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, KV_HEADS, **common)
+    if kind == "gate_up":
+        return sglang_linear.MergedColumnParallelLinear(HIDDEN, [INTER, INTER], **common)
+    return sglang_linear.RowParallelLinear(INTER, HIDDEN, **common)
+
+
+def _load(layer, packed, shard_id=None):
+    for name in ("qweight", "qzeros", "scales"):
+        param = getattr(layer, name)
+        # The loader SGLang gives packed parameters: the v2 one, which cuts this rank's shard.
+        assert param.weight_loader.__func__ is type(layer).weight_loader_v2
+        args = () if shard_id is None else (shard_id,)
+        param.weight_loader(param, getattr(packed, name), *args)
+    layer.quant_method.process_weights_after_loading(layer)
+
+
+SCHEMES = [
+    (Scheme(4, 128, True), "gptq"),
+    (Scheme(4, 32, False), "awq"),
+    (Scheme(3, 64, False), "auto_round"),
+    (Scheme(2, 32, True), "gptq"),
+    (Scheme(8, -1, True), "gptq"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    register()
+
+
+@pytest.mark.parametrize("scheme, layout", SCHEMES, ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_merged_and_row_parallel_shards(scheme, layout, tp_size):
+    qc = _config(scheme, layout)
+    x_in, x_inter = torch.randn(3, HIDDEN), torch.randn(3, INTER)
+    parts = {
+        "qkv": [("q", HEADS * HEAD_DIM, HIDDEN), ("k", KV_HEADS * HEAD_DIM, HIDDEN), ("v", KV_HEADS * HEAD_DIM, HIDDEN)],
+        "gate_up": [(0, INTER, HIDDEN), (1, INTER, HIDDEN)],
+    }
+    for kind, shards in parts.items():
+        packed = {sid: _packed(scheme, layout, n, k, seed=i) for i, (sid, n, k) in enumerate(shards)}
+        full = {sid: _reference(scheme, layout, packed[sid], n, k, x_in) for sid, n, k in shards}
+        for rank in range(tp_size):
+            layer = _build(kind, qc, f"model.layers.0.{'self_attn' if kind == 'qkv' else 'mlp'}.{kind}_proj", rank, tp_size)
+            assert type(layer.quant_method).__name__ == "AutoRoundLinearMethod"
+            for sid, _, _ in shards:
+                for name in ("qweight", "qzeros", "scales"):
+                    param = getattr(layer, name)
+                    param.weight_loader(param, getattr(packed[sid], name), sid)
+            layer.quant_method.process_weights_after_loading(layer)
+            out = layer.quant_method.apply(layer, x_in)
+            expected = torch.cat([f.chunk(tp_size, dim=-1)[rank] for f in full.values()], dim=-1)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+    packed = _packed(scheme, layout, HIDDEN, INTER, seed=7)
+    full = _reference(scheme, layout, packed, HIDDEN, INTER, x_inter)
+    total = torch.zeros_like(full)
+    for rank in range(tp_size):
+        layer = _build("down", qc, "model.layers.0.mlp.down_proj", rank, tp_size)
+        _load(layer, packed)
+        total += layer.quant_method.apply(layer, x_inter.chunk(tp_size, dim=-1)[rank])
+    torch.testing.assert_close(total, full, rtol=1e-4, atol=1e-4)
+
+
+def test_row_shard_that_splits_a_group_is_refused():
+    with pytest.raises(ConfigError, match=r"down_proj: 64 inputs are not a whole number of groups of 128 .*tensor-parallel"):
+        _build("down", _config(Scheme(4, 128, True)), "model.layers.0.mlp.down_proj", rank=0, size=8)
+
+
+def test_fused_parts_with_different_schemes_are_refused_even_without_a_model_mapping():
+    # SGLang's Llama declares no packed_modules_mapping; the plugin still knows q/k/v are fused.
+    qc = _config(Scheme(4, 128, True), extra_config={"model.layers.0.self_attn.k_proj": {"bits": 8}})
+    with pytest.raises(ConfigError, match=r"qkv_proj: SGLang fuses q_proj, k_proj, v_proj into one matrix.*k_proj: W8A16"):
+        _build("qkv", qc, "model.layers.0.self_attn.qkv_proj")
+
+
+def test_per_layer_schemes_reach_fused_layers():
+    qc = _config(Scheme(4, 128, True), extra_config={f"model.layers.0.mlp.{p}": {"bits": 8, "group_size": 32} for p in ("gate_proj", "up_proj")})
+    layer = _build("gate_up", qc, "model.layers.0.mlp.gate_up_proj")
+    assert layer.quant_method.scheme == Scheme(8, 32, True)
+    assert layer.qweight.shape == (HIDDEN * 8 // 32, 2 * INTER)
+
+
+def test_unquantized_layers_stay_16_bit():
+    qc = _config(Scheme(4, 128, True), extra_config={"model.layers.0.mlp.down_proj": {"bits": 16}})
+    assert type(_build("down", qc, "model.layers.0.mlp.down_proj").quant_method).__name__ == "UnquantizedLinearMethod"
+
+
+def test_malformed_config_is_refused_with_the_field():
+    with pytest.raises(ConfigError, match="group_size=48 is not supported"):
+        AutoRoundSglangConfig.from_config({"quant_method": "auto-round", "bits": 4, "group_size": 48, "sym": True,
+                                           "block_name_to_quantize": "model.layers"})
+    with pytest.raises(ConfigError, match="no block_name_to_quantize"):
+        AutoRoundSglangConfig.from_config({"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True})
+
+
+def test_override_respects_an_explicit_other_method():
+    cfg = {"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True}
+    assert AutoRoundSglangConfig.override_quantization_method(cfg, None) == "auto-round"
+    assert AutoRoundSglangConfig.override_quantization_method({**cfg, "quant_method": "auto_round"}, None) == "auto-round"
+    assert AutoRoundSglangConfig.override_quantization_method(cfg, "gptq") is None
+    assert AutoRoundSglangConfig.override_quantization_method({"quant_method": "gptq"}, None) is None
+
+
+def test_registration_replaces_sglangs_auto_round_entries():
+    assert sglang_quantization.QUANTIZATION_METHODS["auto-round"] is AutoRoundSglangConfig
+    assert sglang_quantization.CPU_QUANTIZATION_METHODS["auto-round"] is AutoRoundSglangConfig
+    assert sglang_linear.WEIGHT_LOADER_V2_SUPPORTED.count("AutoRoundLinearMethod") == 1
+    register()  # idempotent: every SGLang process calls it
+    assert sglang_linear.WEIGHT_LOADER_V2_SUPPORTED.count("AutoRoundLinearMethod") == 1
+
+
+# A fresh interpreter, as SGLang's own processes are: nothing imports quantize; the entry point does.
+LOAD_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from sglang_env import import_sglang
+assert import_sglang(keep_stand_in=True) is None
+import torch
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.test.layer_ut_utils import init_single_process_dist
+init_single_process_dist(backend="gloo")
+from sglang.srt.configs.device_config import DeviceConfig
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_loader.loader import DefaultModelLoader
+
+model_config = ModelConfig(sys.argv[1], dtype="float32")
+model = DefaultModelLoader(LoadConfig()).load_model(model_config=model_config, device_config=DeviceConfig("cpu"))
+torch.manual_seed(0)
+report = {"quantization": model_config.quantization, "config": type(model.quant_config).__name__, "layers": {}}
+for name, module in model.named_modules():
+    method = getattr(module, "quant_method", None)
+    if method is None or not hasattr(module, "input_size") or "layers." not in name:
+        continue
+    x = torch.randn(2, module.input_size)
+    out = method.apply(module, x)
+    report["layers"][name] = {"method": type(method).__name__, "x": x.tolist(), "out": out.tolist()}
+print("REPORT" + json.dumps(report))
+"""
+
+
+def _sglang_layers(ckpt: Path) -> dict:
+    env = {**os.environ, "QUANTIZE_LLM_NO_AUTOLOAD": "1"}
+    run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(ckpt), str(REPO / "tests")], capture_output=True,
+                         text=True, cwd=ckpt, env=env, timeout=600)
+    line = next((ln for ln in run.stdout.splitlines() if ln.startswith("REPORT")), None)
+    assert run.returncode == 0 and line, run.stderr[-4000:]
+    return json.loads(line[len("REPORT"):])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A uniform W4 sym (gptq layout) and a mixed checkpoint (W3 asym native layout, an 8-bit block, a
+    16-bit down_proj), quantized by the CLI from one tiny Llama."""
+    root = tmp_path_factory.mktemp("sglang")
+    model = build_tiny_llama(root / "model", hidden=128, intermediate=256, layers=2)
+    mixed = {"layers.1.": {"bits": 8, "group_size": 32}, "layers.0.mlp.down_proj": {"bits": 16}}
+    runs = {"w4": ["--scheme", "W4A16G32"], "mixed": ["--scheme", "W3A16G32", "--asym", "--layer_config", json.dumps(mixed)]}
+    for name, args in runs.items():
+        subprocess.run([sys.executable, "-m", "quantize", str(model), *args, "--iters", "0", "--nsamples", "2", "--batch_size", "2", "--seqlen", "32",
+                        "--dataset", str(CALIB), "--no-eval", "--quiet", "--output_dir", str(root / name)],
+                       check=True, cwd=REPO, timeout=600)
+    return {name: root / name for name in runs}
+
+
+@pytest.mark.parametrize("name", ["w4", "mixed"])
+def test_sglang_loads_our_checkpoint_through_the_entry_point(checkpoints, name):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = checkpoints[name]
+    report = _sglang_layers(ckpt)
+    assert report["quantization"] == "auto-round" and report["config"] == "AutoRoundSglangConfig"
+    reference = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    modules = dict(reference.named_modules())
+    layout = CheckpointConfig.from_dict(json.loads((ckpt / "config.json").read_text())["quantization_config"]).layout
+    assert len(report["layers"]) == 2 * 4
+    for layer_name, got in report["layers"].items():
+        parent, _, leaf = layer_name.rpartition(".")
+        parts = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}.get(leaf, [leaf])
+        x = torch.tensor(got["x"])
+        with torch.no_grad():
+            expected = torch.cat([modules[f"{parent}.{p}"](x) for p in parts], dim=-1)
+        quantized = type(modules[f"{parent}.{parts[0]}"]).__name__ == "QuantLinear"
+        assert got["method"] == ("AutoRoundLinearMethod" if quantized else "UnquantizedLinearMethod"), layer_name
+        torch.testing.assert_close(torch.tensor(got["out"]), expected, rtol=1e-4, atol=1e-4, msg=layer_name)
+    if name == "mixed":
+        assert layout == "auto_round"
+        assert report["layers"]["model.layers.0.mlp.down_proj"]["method"] == "UnquantizedLinearMethod"
