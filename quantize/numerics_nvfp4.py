@@ -41,7 +41,7 @@ MIN_GROUP_SCALE = 2.0**-9  # FP8 E4M3's smallest subnormal
 def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """``448 * 6 / amax`` as a float32 scalar tensor; ``1.0`` for an all-zero tensor (compressed-tensors'
     fallback), so a zero layer neither divides by zero nor wins a fused minimum."""
-    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    amax = torch.as_tensor(amax).detach().float().reshape(())
     if amax <= 0:
         return torch.tensor(1.0)
     return torch.tensor(GLOBAL_NUMERATOR, dtype=torch.float32) / amax
