@@ -87,8 +87,14 @@ def cast(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
 
 
 def cast_ste(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
-    """``cast`` forward, identity backward (inside ``±max``; callers clamp first, as SignRound does)."""
-    return cast(x, fmt) + (x - x.detach())
+    """``cast`` forward, identity backward (inside ``±max``; callers clamp first, as SignRound does).
+
+    Without a gradient to carry it returns ``cast(x)`` itself: adding the carrier (a zero) would turn
+    ``-0.0`` into ``+0.0``, and the packed bytes would differ from compressed-tensors' (same values)."""
+    q = cast(x, fmt)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q
+    return q + (x - x.detach())
 
 
 def cast_ste_relative(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
@@ -102,6 +108,8 @@ def cast_ste_relative(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     through a straight-through floor), so SignRound sees the same gradients as Intel's MX tuning (tested).
     """
     q = cast(x, fmt)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q  # as in cast_ste: keeps the sign of zero
     normal = x.abs() >= 2.0**fmt.emin
     slope = torch.where(normal, q / torch.where(normal, x, torch.ones_like(x)), torch.ones_like(x)).detach()
     # ``x * slope`` is not exactly ``q`` in float32; adding a zero that carries its gradient keeps ``q`` exact
