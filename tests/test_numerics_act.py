@@ -159,3 +159,17 @@ def test_groups_must_divide():
     with pytest.raises(ValueError, match="not a multiple of group_size"):
         act.fp8_group_dynamic(torch.randn(2, 200))
     assert np.isclose(act.fp8_static_scale(448.0).item(), 1.0)
+
+
+def test_int8_scale_differs_from_llm_compressor_observer_by_design():
+    """Known difference: compressed-tensors' ``calculate_qparams`` divides the amax by 127.5 (half the
+    255-wide int8 range), so ``+amax`` rounds to 128 and clips to 127; ours divides by 127 (vLLM's dynamic
+    rule), so ``±amax`` are exact. The checkpoint stores the scale, so loaders are unaffected."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(7))
+    args = preset_name_to_scheme("W8A8", ["Linear"]).weights
+    theirs, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    amax = w.abs().amax(dim=1, keepdim=True)
+    assert torch.allclose(theirs, amax / 127.5) and torch.allclose(i8.row_scales(w), amax / 127)

@@ -100,3 +100,13 @@ def test_compressed_tensors_compresses_and_decompresses_to_ours(preset, layout):
 def test_unknown_layout():
     with pytest.raises(ValueError, match="'channel', 'tensor' or 'block'"):
         f8.fake_quantize(torch.randn(2, 4), "group")
+
+
+def test_channel_scales_are_compressed_tensors_calculate_qparams():
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(7))
+    args = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"]).weights
+    theirs, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    assert torch.equal(theirs, f8.weight_scales(w, "channel"))

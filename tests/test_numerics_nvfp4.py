@@ -143,3 +143,19 @@ def test_compressed_tensors_compresses_and_decompresses_to_ours(monkeypatch):
 def test_group_must_divide():
     with pytest.raises(ValueError, match="not a multiple of group_size"):
         nv.fake_quantize(torch.randn(2, 40), 1.0)
+
+
+def test_group_scales_are_compressed_tensors_calculate_qparams():
+    """llm-compressor's own NVFP4 scale rule (``calculate_qparams`` with the global scale) gives our group
+    scales, all-zero groups aside (it stores 0.125 there, we 2**-9; both dequantize the zeros to 0)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from quantize.numerics import to_groups
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(7)) * 0.03
+    gs = nv.weight_global_scale(w)
+    wg = to_groups(w, 16)
+    args = preset_name_to_scheme("NVFP4", ["Linear"]).weights
+    theirs, _ = calculate_qparams(wg.amin(-1), wg.amax(-1), args, global_scale=gs.reshape(1))
+    assert torch.equal(theirs.float(), nv.quantize_weight(w, gs)[1].float())
