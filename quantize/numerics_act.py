@@ -6,7 +6,10 @@ returns ``x``'s dtype. Groups run along ``K``, per token.
 
 - ``fp8_static``: FP8 E4M3, one calibrated scale for the tensor (FP8_STATIC's ``input_scale``).
 - ``fp8_group_dynamic``: FP8 E4M3, a scale per token and 128 channels (FP8_BLOCK, DeepSeek's 1x128).
-- ``mx_dynamic``: MXFP4 / MXFP8, a power-of-two scale per token and 32 channels (``numerics_mx``'s rule).
+- ``mx_dynamic``: MXFP4 / MXFP8, a power-of-two scale per token and 32 channels (``numerics_mx``'s rule,
+  AutoRound's and the OCP spec's floor; compressed-tensors' and vLLM's reference MX activation quantizers
+  take the next power of two when the amax's mantissa is >= 1.75; that matters only for native W4A4 MX
+  serving, sm100, where emulating them would need its own function).
 - ``nvfp4``: FP4 with FP8 scales per token and 16 channels under a static global scale
   (``input_global_scale``, from the calibrated amax: ``numerics_nvfp4.global_scale``).
 - ``int_per_token``: signed int8 / int4 per token, dynamic (``numerics_int8``'s rule).
@@ -30,8 +33,9 @@ from .numerics_fp8 import qdq as fp8_qdq
 from .numerics_fp8 import scale_from_amax
 
 FP8_ACT_GROUP = 128
-# vLLM's per-token-group FP8 quantization floors the group amax here (not the weights' scale floor, which
-# would coarsen groups with amax below 1/512); emulation follows the engine that serves the checkpoint.
+# vLLM's per-token-group FP8 quantization floors the group amax here. The weights' (and AutoRound's) scale
+# floor 1/(448*512) would give groups with amax below 1/512 a larger scale than vLLM computes; emulation
+# follows the engine that serves the checkpoint.
 FP8_GROUP_EPS = 1e-10
 
 

@@ -100,7 +100,7 @@ def to_storage(q: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     ``float8_e4m3fn`` ``[N, K]`` (compressed-tensors' ``mxfp4-pack-quantized`` / ``mxfp8-quantized``)."""
     if fmt == FP4_E2M1:
         return pack_fp4(encode(q, fmt))
-    return encode(q, fmt).view(torch.float8_e4m3fn)
+    return q.to(torch.float8_e4m3fn)
 
 
 def from_storage(data: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
