@@ -28,7 +28,7 @@ import torch
 
 from . import numerics_int8, numerics_mx, numerics_nvfp4
 from .numerics import to_groups
-from .numerics_fp import FP8_E4M3, FPFormat, cast
+from .numerics_fp import FP8_E4M3, FPFormat, cast, ceil_pow2
 from .numerics_fp8 import qdq as fp8_qdq
 from .numerics_fp8 import scale_from_amax
 
@@ -60,11 +60,14 @@ def fp8_static_scale(amax: torch.Tensor | float, max_scale: torch.Tensor | float
     return scale_from_amax(torch.as_tensor(amax, dtype=torch.float32), max_scale)
 
 
-def fp8_group_dynamic(x: torch.Tensor, group_size: int = FP8_ACT_GROUP) -> torch.Tensor:
-    """Per token and ``group_size`` channels: ``scale = max(amax, 1e-10) / 448``, ``scale * fp8(x / scale)``
-    (float32 scales; vLLM's ``VLLM_USE_DEEP_GEMM_E8M0`` path would round them up to powers of two)."""
+def fp8_group_dynamic(x: torch.Tensor, group_size: int = FP8_ACT_GROUP, ue8m0: bool = False) -> torch.Tensor:
+    """Per token and ``group_size`` channels: ``scale = max(amax, 1e-10) / 448``, ``scale * fp8(x / scale)``,
+    vLLM's ``per_token_group_quant_fp8``. ``ue8m0`` rounds each scale up to a power of two, as vLLM does
+    with ``VLLM_USE_DEEP_GEMM_E8M0`` (to measure what that costs)."""
     xg = to_groups(_rows(x), group_size)
     scale = xg.abs().amax(dim=-1, keepdim=True).clamp(min=FP8_GROUP_EPS) / FP8_E4M3.max
+    if ue8m0:
+        scale = ceil_pow2(scale)
     xq = cast(xg / scale, FP8_E4M3) * scale
     return _straight_through(x, xq)
 

@@ -68,6 +68,14 @@ def floor_log2(x: torch.Tensor) -> torch.Tensor:
     return torch.frexp(x.float())[1] - 1
 
 
+def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two ``>= x`` for positive float32 ``x``, exactly (``2**ceil(log2(x))``): how
+    DeepGEMM's UE8M0 path (vLLM's ``VLLM_USE_DEEP_GEMM_E8M0``) rounds FP8 block scales."""
+    e = floor_log2(x)
+    p = torch.ldexp(torch.ones_like(x, dtype=torch.float32), e)
+    return torch.where(p < x, p * 2, p)
+
+
 def _quantum(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """Grid spacing at ``x``: ``2**(e - mbits)`` with ``e`` the exponent of ``x``, floored at ``emin``."""
     e = floor_log2(x).clamp(min=fmt.emin)

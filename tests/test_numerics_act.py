@@ -173,3 +173,16 @@ def test_int8_scale_differs_from_llm_compressor_observer_by_design():
     theirs, _ = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
     amax = w.abs().amax(dim=1, keepdim=True)
     assert torch.allclose(theirs, amax / 127.5) and torch.allclose(i8.row_scales(w), amax / 127)
+
+
+def test_fp8_group_dynamic_ue8m0_scales_are_powers_of_two_rounded_up():
+    from quantize.numerics_fp import ceil_pow2
+
+    s = torch.tensor([0.75, 1.0, 1.0000001, 3.0, 2.0**-130, 5e-7])
+    assert ceil_pow2(s).tolist() == [1.0, 1.0, 2.0, 4.0, 2.0**-130, 2.0**-20]
+    x = activations(7)
+    y = act.fp8_group_dynamic(x, ue8m0=True)
+    rows = x.reshape(-1, 128)
+    scale = ceil_pow2(rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / 448)
+    assert torch.equal(y.reshape(-1, 128), (rows / scale).to(torch.float8_e4m3fn).float() * scale)
+    assert not torch.equal(y, act.fp8_group_dynamic(x))
