@@ -15,11 +15,12 @@ weight. They share the smallest of their global scales (AutoRound's and llm-comp
 one from the largest amax: ``fused_global_scale(amaxes)``.
 
 The arithmetic is compressed-tensors' (``s / gs`` computed once; ``w / (s / gs)``; ``amax / 6`` then times
-``gs``), so ``dequantize`` equals compressed-tensors' decompression of our tensors exactly in float32.
+``gs``), so compressed-tensors' compressor, given our scales, writes our bytes, and its decompressor
+gives ``dequantize``'s weights exactly (tested).
 Intended differences from AutoRound 0.16.1's ``nv_fp4``, which multiplies by reciprocals instead
 (``2688 * (1/amax)``, ``x * (1/(s/gs))``, ``q * (1/(1/(s/gs)))``): its global scale and weights may differ
-from ours in the last bit, and a code may flip where ``w / (s / gs)`` sits on a rounding tie (tested:
-rare, and never more than one grid step). Its group scale may round to 0 in FP8 for a group far below
+from ours in the last bit, and a code may flip where ``w / (s / gs)`` sits on a rounding tie (1 code in
+524288 on random weights). Its group scale may round to 0 in FP8 for a group far below
 the tensor's amax, which zeroes that group; ours is floored at FP8's smallest subnormal ``2**-9``, so no
 stored scale is 0 and no loader divides by zero.
 """
