@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
     o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
-    o.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    o.add_argument("--overwrite", action="store_true", help="replace an existing output folder, and start over instead of resuming an interrupted run")
     o.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None, help="perplexity before and after (default on for the built-in model)")
     o.add_argument("--eval-file", default=None, help="text for that perplexity (default: bundled)")
     o.add_argument("--eval-windows", type=int, default=None, help="windows of --seqlen tokens for that perplexity")
@@ -223,6 +224,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
     from quantize.presets import get_preset
     from quantize.quantizer import quantize_model
+    from quantize.resume import resume_dir
     from quantize.scheme import get_scheme
 
     builtin = args.model is None
@@ -294,9 +296,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         model.to("cpu", orig_dtype)
 
     calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
-    result = quantize_model(model, blocks, plan, calib, cfg, device, progress)
+    resume_folder = resume_dir(output_dir)
+    result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite)
     source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
     folders = export(source, formats, output_dir, args.overwrite)
+    shutil.rmtree(resume_folder, ignore_errors=True)  # kept until the checkpoint is complete
     if auto_plan:
         for folder in folders:
             (folder / "autoscheme_layer_config.json").write_text(json.dumps(auto_plan.layer_config, indent=1) + "\n")
@@ -378,6 +382,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quantize.resume import Stopped
+
     argv = sys.argv[1:] if argv is None else argv
     commands = {"eval": (eval_parser, run_eval), "convert": (convert_parser, run_convert)}
     command = argv[0] if argv and argv[0] in commands else None
@@ -392,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # its loading bars (GGUF conversion, weights) too
     try:
         return run(args)
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +17,7 @@ from tqdm.auto import tqdm
 from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, uses_amp
 from quantize.presets import TuneConfig
+from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
 from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
 
 
@@ -47,6 +53,39 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _stop_at_block_boundary(enabled: bool):
+    """While ``enabled`` (a run that can resume), the first Ctrl-C lets the block in progress finish and be
+    saved; a second stops at once. Yields a function that says whether a stop was asked for."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    asked: list[bool] = []
+
+    def handler(_sig, _frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(True)
+        print("\nCtrl-C: stopping once this block is saved (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_settings(plan: LayerPlan, cfg: TuneConfig, device: torch.device, model_dtype: torch.dtype, n_blocks: int) -> dict:
+    """What decides a run's result, for the resume manifest."""
+    return {
+        "layers": {name: asdict(s) for name, s in sorted(plan.quantize.items())},
+        "tuning": asdict(cfg),
+        "device": device.type,
+        "dtype": str(model_dtype),
+        "blocks": n_blocks,
+    }
+
+
 def quantize_model(
     model: nn.Module,
     blocks: Blocks,
@@ -55,52 +94,81 @@ def quantize_model(
     cfg: TuneConfig,
     device: torch.device,
     progress: bool = True,
+    resume_folder: Path | None = None,
+    overwrite: bool = False,
 ) -> QuantizationResult:
     """Quantize ``plan.quantize`` in place: on return those layers hold their dequantized weights (the
-    model computes exactly what a loaded checkpoint will) and the result holds their integer form."""
+    model computes exactly what a loaded checkpoint will) and the result holds their integer form.
+
+    ``resume_folder``: keep resume state there (quantize.resume) and continue a run it holds;
+    ``overwrite`` discards that state instead."""
     start = time.time()
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
     amp = uses_amp(cfg.amp, device)
+    state: ResumeState | None = None
+    resumed = False
+    if resume_folder is not None:
+        settings = run_settings(plan, cfg, device, model_dtype, len(blocks.modules))
+        state, resumed = open_resume(resume_folder, settings, fingerprint(model, calib_ids), overwrite)
     cfg = settle_compile(cfg, device, len(blocks.modules))
     fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
     _check_finite(fp_inputs, "entering the first block")
     q_inputs = fp_inputs
     generator = torch.Generator().manual_seed(cfg.seed)
     result = QuantizationResult({}, plan, blocks, cfg, 0.0)
-
-    bar = tqdm(list(enumerate(blocks.modules)), desc="quantizing blocks", disable=not progress, unit="block")
-    for i, block in bar:
-        t0 = time.time()
-        prefix = blocks.name(i) + "."
-        layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
-        block.to(device, dtype).requires_grad_(False)  # as tuning leaves it: one compiled forward serves both passes
-        # Two sets of activations live on the device, not three: the full-precision inputs become the
-        # targets in place, unless the tuning inputs are the same tensor.
-        shared = q_inputs is fp_inputs
-        compiled = compiles(cfg, device, sum(block.get_submodule(n).weight.numel() for n in layers))
-        targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
-        _check_finite(targets, f"after block {i}")
-        if layers:
-            tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
-            # Integer forms wait on the host: on the device they would add up to half the model's size.
-            host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
-            result.weights.update(host)
-            result.block_losses.append((tuned.loss_before, tuned.loss_after))
-            bar.write(
-                f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
-                f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
-            )
-        if cfg.quantized_inputs and (layers or not shared):
-            q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
-        else:
-            q_inputs = targets
-        fp_inputs = targets
-        block.to("cpu", model_dtype)
-        if layers and dtype != model_dtype:
-            for name, qw in host.items():
-                # The exact weights a loaded checkpoint gives back, in the model's dtype (the block holds
-                # them in the compute dtype).
+    first = 0
+    if resumed:
+        carry, done, losses = state.load(device)
+        if carry is not None:
+            first = carry.next_block
+            q_inputs, fp_inputs = carry.q_inputs, carry.fp_inputs
+            generator.set_state(carry.generator_state)
+            result.weights.update(done)
+            result.block_losses.extend(losses)
+            for name, qw in done.items():
                 model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
+        print(f"resuming from block {first + 1}/{len(blocks.modules)} ({state.folder})", file=sys.stderr)
+
+    bar = tqdm(list(enumerate(blocks.modules))[first:], desc="quantizing blocks", disable=not progress, unit="block",
+               initial=first, total=len(blocks.modules))
+    with _stop_at_block_boundary(state is not None) as stop_asked:
+        for i, block in bar:
+            t0 = time.time()
+            prefix = blocks.name(i) + "."
+            layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
+            block.to(device, dtype).requires_grad_(False)  # as tuning leaves it: one compiled forward serves both passes
+            # Two sets of activations live on the device, not three: the full-precision inputs become the
+            # targets in place, unless the tuning inputs are the same tensor.
+            shared = q_inputs is fp_inputs
+            compiled = compiles(cfg, device, sum(block.get_submodule(n).weight.numel() for n in layers))
+            targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
+            _check_finite(targets, f"after block {i}")
+            if layers:
+                tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
+                # Integer forms wait on the host: on the device they would add up to half the model's size.
+                host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
+                result.weights.update(host)
+                result.block_losses.append((tuned.loss_before, tuned.loss_after))
+                bar.write(
+                    f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
+                    f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
+                )
+            if cfg.quantized_inputs and (layers or not shared):
+                q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+            else:
+                q_inputs = targets
+            fp_inputs = targets
+            block.to("cpu", model_dtype)
+            if layers and dtype != model_dtype:
+                for name, qw in host.items():
+                    # The exact weights a loaded checkpoint gives back, in the model's dtype (the block holds
+                    # them in the compute dtype).
+                    model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
+            if state is not None:
+                state.save_block(i, host if layers else {}, result.block_losses[-1] if layers else None, q_inputs, fp_inputs, generator)
+            if stop_asked() and i + 1 < len(blocks.modules):
+                raise Stopped(f"stopped after block {i + 1}/{len(blocks.modules)}; run the same command again to resume "
+                              f"from block {i + 2} (state in {state.folder})")
     result.seconds = time.time() - start
     return result
