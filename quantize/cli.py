@@ -299,7 +299,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     resume_folder = resume_dir(output_dir)
     result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite)
     source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
-    folders = export(source, formats, output_dir, args.overwrite)
+    try:
+        folders = export(source, formats, output_dir, args.overwrite)
+    except UserError as e:
+        raise UserError(f"{e}. The tuned weights are kept in {resume_folder}: run the same command again to write the "
+                        "checkpoint without tuning again") from None
     shutil.rmtree(resume_folder, ignore_errors=True)  # kept until the checkpoint is complete
     if auto_plan:
         for folder in folders:

@@ -87,6 +87,10 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     where, gguf = resolve_model_path(spec)
     if gguf:
         require(*GGUF, f"reading {gguf}")
+    elif Path(where).is_dir():
+        from quantize.shards import check_shards
+
+        check_shards(Path(where))
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)

@@ -128,7 +128,9 @@ def quantize_model(
             result.block_losses.extend(losses)
             for name, qw in done.items():
                 model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
-        print(f"resuming from block {first + 1}/{len(blocks.modules)} ({state.folder})", file=sys.stderr)
+        n = len(blocks.modules)
+        print(f"resuming from block {first + 1}/{n} ({state.folder})" if first < n else
+              f"all {n} blocks were tuned by an earlier run ({state.folder}): writing the checkpoint", file=sys.stderr)
 
     bar = tqdm(list(enumerate(blocks.modules))[first:], desc="quantizing blocks", disable=not progress, unit="block",
                initial=first, total=len(blocks.modules))

@@ -77,6 +77,15 @@ class ResumeState:
     def save_block(self, i: int, weights: dict[str, QuantizedWeight], losses: tuple[float, float] | None,
                    q_inputs: torch.Tensor, fp_inputs: torch.Tensor, generator: torch.Generator) -> None:
         """Block ``i`` is finished: its weights first, then the carry that points past it."""
+        try:
+            self._save_block(i, weights, losses, q_inputs, fp_inputs, generator)
+        except OSError as e:
+            raise UserError(
+                f"cannot save the resume state in {self.folder} ({e.strerror or e}); free some space and run the same "
+                f"command again: it resumes from block {i + 1}"
+            ) from None
+
+    def _save_block(self, i, weights, losses, q_inputs, fp_inputs, generator) -> None:
         tensors, schemes = {}, {}
         for name, w in weights.items():
             tensors.update({f"{name}.q": w.q, f"{name}.scales": w.scales, f"{name}.zeros": w.zeros})

@@ -12,11 +12,19 @@ from quantize.model import UserError
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """The output folder, refused before any work when it exists (without ``overwrite``) or its parent
+    cannot be written."""
     path = Path(path).expanduser().resolve()
     if path.exists() and not overwrite:
         raise UserError(f"output folder {path} already exists: choose another --output_dir or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise UserError(f"output path {path} exists and is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write in {path.parent} ({e.strerror or e}): choose a writable --output_dir") from None
     return path
 
 
@@ -37,6 +45,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False):
         tmp.rename(path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = str(e.filename).replace(str(tmp), str(path)) if e.filename else path
+        raise UserError(f"writing {path} failed at {where}: {e.strerror or e}; nothing was left at {path}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
