@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -137,7 +138,10 @@ def allocate(units: list[Unit], budget: int) -> tuple[list[int], float]:
     Dynamic programming over units; the states after each unit are the Pareto front of (cumulative bits,
     total score): a state with more bits and no smaller score than another can never end in a better plan,
     so dropping it keeps the optimum. Costs are divided by their greatest common divisor first (same
-    optimum, fewer distinct sums). Ties go to fewer bits. Raises ValueError when nothing fits.
+    optimum, fewer distinct sums). Ties go to fewer bits. The front is held in arrays (numpy), and only
+    the option taken into each state is kept for the way back (the previous state is this one minus that
+    option's cost): a 70B-shaped model (320 units, three options) allocates in seconds.
+    Raises ValueError when nothing fits.
     """
     if not units:
         return [], 0.0
@@ -147,36 +151,32 @@ def allocate(units: list[Unit], budget: int) -> tuple[list[int], float]:
             g = math.gcd(g, b)
     g = g or 1
     cap = budget // g
-    front: dict[int, float] = {0: 0.0}
-    back: list[dict[int, tuple[int, int]]] = []  # per unit: state -> (previous state, option index)
+    front_bits = np.zeros(1, dtype=np.int64)
+    front_score = np.zeros(1, dtype=np.float64)
+    back: list[tuple[np.ndarray, np.ndarray]] = []  # per unit: (states, option taken into each)
     for u in units:
-        costs = [b // g for b in u.bits]
-        new: dict[int, float] = {}
-        choice: dict[int, tuple[int, int]] = {}
-        for state, score in front.items():
-            for k, (c, s) in enumerate(zip(costs, u.scores)):
-                total = state + c
-                if total > cap:
-                    continue
-                value = score + s
-                if total not in new or value < new[total]:
-                    new[total] = value
-                    choice[total] = (state, k)
-        if not new:
+        cand_bits = np.concatenate([front_bits + b // g for b in u.bits])
+        cand_score = np.concatenate([front_score + s for s in u.scores])
+        cand_opt = np.repeat(np.arange(len(u.bits), dtype=np.int16), len(front_bits))
+        keep = cand_bits <= cap
+        cand_bits, cand_score, cand_opt = cand_bits[keep], cand_score[keep], cand_opt[keep]
+        if not len(cand_bits):
             raise ValueError("no allocation fits the budget")
-        pruned: dict[int, float] = {}
-        best = math.inf
-        for total in sorted(new):
-            if new[total] < best:
-                best = new[total]
-                pruned[total] = best
-        front = pruned
-        back.append({t: choice[t] for t in pruned})
-    state = min(front, key=lambda t: (front[t], t))
-    best_score = front[state]
+        order = np.lexsort((cand_opt, cand_score, cand_bits))  # by bits, then score, then option
+        cand_bits, cand_score, cand_opt = cand_bits[order], cand_score[order], cand_opt[order]
+        # Pareto front: a state survives only if its score is below every score with fewer or equal bits.
+        best_before = np.concatenate(([np.inf], np.minimum.accumulate(cand_score)[:-1]))
+        survive = cand_score < best_before
+        front_bits, front_score = cand_bits[survive], cand_score[survive]
+        back.append((front_bits, cand_opt[survive]))
+    i = int(np.argmin(front_score))  # the first minimum: the fewest bits among equal scores
+    best_score, state = float(front_score[i]), int(front_bits[i])
     picks = [0] * len(units)
-    for i in range(len(units) - 1, -1, -1):
-        state, picks[i] = back[i][state]
+    for j in range(len(units) - 1, -1, -1):
+        states, opts = back[j]
+        k = int(opts[np.searchsorted(states, state)])
+        picks[j] = k
+        state -= units[j].bits[k] // g
     return picks, best_score
 
 
