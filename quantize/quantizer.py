@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantize import distributed
 from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, uses_amp
 from quantize.presets import TuneConfig
@@ -106,11 +107,17 @@ def quantize_model(
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
     amp = uses_amp(cfg.amp, device)
+    team = distributed.current()
+    team.check_batch(cfg.batch_size)
     state: ResumeState | None = None
     resumed = False
     if resume_folder is not None:
-        settings = run_settings(plan, cfg, device, model_dtype, len(blocks.modules))
-        state, resumed = open_resume(resume_folder, settings, fingerprint(model, calib_ids), overwrite)
+        # The leader keeps the resume state; the others read it when resuming.
+        if team.leader:
+            settings = run_settings(plan, cfg, device, model_dtype, len(blocks.modules))
+            state, resumed = open_resume(resume_folder, settings, fingerprint(model, calib_ids), overwrite)
+        resumed = team.agree(resumed, device)
+        state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, len(blocks.modules))
     fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
     _check_finite(fp_inputs, "entering the first block")
@@ -129,10 +136,11 @@ def quantize_model(
             for name, qw in done.items():
                 model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
         n = len(blocks.modules)
-        print(f"resuming from block {first + 1}/{n} ({state.folder})" if first < n else
-              f"all {n} blocks were tuned by an earlier run ({state.folder}): writing the checkpoint", file=sys.stderr)
+        if team.leader:
+            print(f"resuming from block {first + 1}/{n} ({state.folder})" if first < n else
+                  f"all {n} blocks were tuned by an earlier run ({state.folder}): writing the checkpoint", file=sys.stderr)
 
-    bar = tqdm(list(enumerate(blocks.modules))[first:], desc="quantizing blocks", disable=not progress, unit="block",
+    bar = tqdm(list(enumerate(blocks.modules))[first:], desc="quantizing blocks", disable=not progress or not team.leader, unit="block",
                initial=first, total=len(blocks.modules))
     with _stop_at_block_boundary(state is not None) as stop_asked:
         for i, block in bar:
@@ -152,10 +160,11 @@ def quantize_model(
                 host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
                 result.weights.update(host)
                 result.block_losses.append((tuned.loss_before, tuned.loss_after))
-                bar.write(
-                    f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
-                    f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
-                )
+                if team.leader:
+                    bar.write(
+                        f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
+                        f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
+                    )
             if cfg.quantized_inputs and (layers or not shared):
                 q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
             else:
@@ -167,7 +176,7 @@ def quantize_model(
                     # The exact weights a loaded checkpoint gives back, in the model's dtype (the block holds
                     # them in the compute dtype).
                     model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
-            if state is not None:
+            if state is not None and team.leader:
                 state.save_block(i, host if layers else {}, result.block_losses[-1] if layers else None, q_inputs, fp_inputs, generator)
             if stop_asked() and i + 1 < len(blocks.modules):
                 raise Stopped(f"stopped after block {i + 1}/{len(blocks.modules)}; run the same command again to resume "

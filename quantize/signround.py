@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from quantize import fp8_grads
+from quantize import distributed, fp8_grads
 from quantize.model import UserError, block_output, uses_amp
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
@@ -202,7 +202,8 @@ def tune_block(
     searched = [name for name, scheme in layers.items() if cfg.searches_clip(scheme.bits)]
     if cfg.iters > 0 and searched:
         energy = _input_energy(block, searched, inputs, block_kwargs, cfg.batch_size, amp)
-        clips = {name: search_clip(weights[name], layers[name], energy[name]) for name in searched}
+        # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
+        clips = {name: search_clip(weights[name], layers[name], energy[name]) for name in searched if name in energy}
     params = {name: _LayerParams(w, layers[name], device, clips.get(name)) for name, w in weights.items()} if cfg.iters > 0 else {}
     # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
     best: dict[str, QuantizedWeight] = {}
@@ -279,13 +280,17 @@ def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device, 
     ]
     best_loss = float("inf")
     pick = cfg.batch_size * cfg.grad_accum
+    team = distributed.current()  # several processes: each takes its share of every batch (quantize.distributed)
+    tuned = [t for group, _ in groups for t in group]
     for step in range(cfg.iters):
         order = torch.randperm(nsamples, generator=generator)[:pick].to(device)
         total = 0.0
         for idx in order.split(cfg.batch_size):
-            batch_loss = loss(idx) / cfg.grad_accum
+            batch_loss = loss(team.share(idx)) / (cfg.grad_accum * team.size)
             batch_loss.backward()
             total += batch_loss.item()
+        total = team.sum(total, device)
+        team.sum_grads(tuned)
         if total < best_loss:
             best_loss = total
             keep_best()
