@@ -58,8 +58,11 @@ def packing_format_for(schemes: list[Scheme]) -> str:
     return "auto_round"
 
 
-def layout_for(scheme: Scheme) -> str:
-    """The tensor layout a layer of this scheme gets when it sets the checkpoint's packing format."""
+def layout_for(scheme: Scheme) -> str | None:
+    """The tensor layout a layer of this scheme gets when it sets the checkpoint's packing format (None for
+    the FP and activation-quantized schemes: their tensors are not bit-packed integer words)."""
+    if not scheme.integer_weight_only:
+        return None
     return PACKING_FORMATS[packing_format_for([scheme])]
 
 
@@ -70,7 +73,7 @@ def _check_scheme_fields(d: dict, where: str) -> None:
         raise ConfigError(f"{where}: group_size={d['group_size']} is not supported (supported: {SUPPORTED_GROUP_SIZES})")
     if "sym" in d and not isinstance(d["sym"], bool):
         raise ConfigError(f"{where}: sym must be true or false, got {d['sym']!r}")
-    if d.get("data_type", "int") != "int":
+    if d.get("data_type", "int") != "int" and not (isinstance(d.get("bits"), int) and d["bits"] >= 16):  # Intel: 16-bit "fp"
         raise ConfigError(f"{where}: data_type={d['data_type']!r} is not supported (only integer weights: 'int')")
     for key in _ACT_KEYS:
         if d.get(key) is not None and d[key] < 16:

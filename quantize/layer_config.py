@@ -55,6 +55,9 @@ def plan_layers(
     layer_config = layer_config or {}
     ignore = ignore or []
     plan = LayerPlan()
+    from quantize.moe import UnfusedExperts, moe_keep
+
+    moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_tied = head is not None and head.weight is model.get_input_embeddings().weight
     for name, module in model.named_modules():
@@ -72,13 +75,17 @@ def plan_layers(
         if any(match_name(p, name) for p in ignore):
             plan.keep[name] = "in the ignore list"
             continue
+        why = moe_keep(name, module) if moe else None
+        if why:
+            plan.keep[name] = why
+            continue
         layer_scheme = _override(scheme, name, layer_config)
         if layer_scheme is None:
             plan.keep[name] = "layer_config keeps it 16-bit"
             continue
         k, n = module.in_features, module.out_features
-        g = layer_scheme.group_size
-        if g != -1 and k % g:
+        g = layer_scheme.k_multiple  # None: any in_features (per channel, per tensor, FP8's partial blocks)
+        if g and k % g:
             plan.keep[name] = f"in_features {k} is not a multiple of group_size {g}"
             continue
         why = layout_fits(layout_for(layer_scheme), layer_scheme.bits, k, n) if layout_for else None

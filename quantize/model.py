@@ -115,6 +115,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
         # transformers dequantizes GGUF weights on load but keeps the model flagged "quantized", which
         # blocks dtype changes and saving; the weights are plain tensors now.
         model.hf_quantizer.remove_quantization_config(model)
+    from quantize.moe import unfuse_experts
+
+    unfuse_experts(model)  # MoE experts as per-expert nn.Linear layers (quantize.moe)
     model.eval()
     return model, tokenizer
 

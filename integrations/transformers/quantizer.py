@@ -9,6 +9,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from quantize.checkpoint import ConfigError, check_layer_tensors
 from quantize.kernels import LinearSpec
+from quantize.moe import checkpoint_namer, drop_expert_converters, unfuse_experts
 from quantize.packing import layout_fits
 
 from quantize.integrations.transformers.modules import QuantLinear
@@ -18,10 +19,11 @@ def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -
     """Replace every linear layer the checkpoint stores quantized; returns how many."""
     ckpt = config.checkpoint
     count = 0
+    rename = checkpoint_namer(model)  # the checkpoint's names (Mixtral: block_sparse_moe) for extra_config
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        scheme = ckpt.layer_scheme(name)
+        scheme = ckpt.layer_scheme(rename(name + ".weight")[: -len(".weight")])
         if scheme is None:
             continue
         k, n = module.in_features, module.out_features
@@ -53,10 +55,11 @@ def check_tensors(model: nn.Module, checkpoint_files: list[str]) -> None:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     if not shapes:
         return
+    rename = checkpoint_namer(model)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             s = module.spec
-            check_layer_tensors(name, s.layout, s.bits, s.group_size, s.in_features, s.out_features, shapes)
+            check_layer_tensors(rename(name + ".weight")[: -len(".weight")], s.layout, s.bits, s.group_size, s.in_features, s.out_features, shapes)
 
 
 class AutoRoundQuantizer(HfQuantizer):
@@ -66,6 +69,8 @@ class AutoRoundQuantizer(HfQuantizer):
         pass
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # MoE experts load per expert, as the checkpoint stores them (quantize.moe)
+        self.unfused = unfuse_experts(model)
         replace_linear_layers(model, self.quantization_config, self.quantization_config.kernel)
         if checkpoint_files:
             check_tensors(model, checkpoint_files)
@@ -75,6 +80,10 @@ class AutoRoundQuantizer(HfQuantizer):
             if isinstance(module, QuantLinear):
                 module.prepare()
         return model
+
+    def update_weight_conversions(self, weight_conversions):
+        # The skeleton's experts are per-expert modules: transformers must not fuse their tensors.
+        return drop_expert_converters(super().update_weight_conversions(weight_conversions))
 
     @property
     def is_trainable(self) -> bool:

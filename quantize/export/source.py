@@ -59,11 +59,20 @@ class ExportSource:
             tensors.pop(f"{name}.weight", None)
         linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         config = model.config
+        # Names as save_pretrained writes them (e.g. Mixtral's experts under block_sparse_moe): quantize.moe
+        from quantize.moe import checkpoint_namer, router_shapes
+
+        rename = checkpoint_namer(model)
+        linears.update(router_shapes(model))  # 16-bit in the config, as Intel writes them
+
+        def layer(name: str) -> str:
+            return rename(name + ".weight")[: -len(".weight")]
+
         return cls(
             config=config,
-            tensors=tensors,
-            layers=dict(result.weights),
-            linear_shapes=linears,
+            tensors={rename(k): t for k, t in tensors.items()},
+            layers={layer(n): w for n, w in result.weights.items()},
+            linear_shapes={layer(n): s for n, s in linears.items()},
             block_prefixes=[result.blocks.prefix],
             scheme=scheme,
             dtype=model.dtype,
