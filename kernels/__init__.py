@@ -3,6 +3,7 @@ implementations, each taking packed checkpoint tensors and computing ``x @ W.T +
 
 from quantize.kernels import (
     tinygemm,  # noqa: F401  (PyTorch core's int4 GEMM on CUDA, 4-bit layers)
+    tinygemm_cpu,  # noqa: F401  (its CPU variant: 2/3/4-bit layers of bf16 models, decode)
     torch_ref,  # noqa: F401  (registers the portable path)
     vllm_cpu,  # noqa: F401  (vLLM's CPU kernel, when vLLM is loaded)
 )
