@@ -8,6 +8,7 @@ GPU machine: e2e/README.md), but its layers run here with ``pip install --no-dep
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -214,10 +215,25 @@ def _sglang_layers(ckpt: Path) -> dict:
     return json.loads(line[len("REPORT"):])
 
 
+# Intel AutoRound 0.16.1 writes a checkpoint (W4 g32 asym: its AWQ packing), in an interpreter without quantize.
+INTEL_QUANTIZE = r"""
+import sys
+from pathlib import Path
+from auto_round import AutoRound
+from transformers import AutoTokenizer
+model, calib, out = sys.argv[1:4]
+texts = [t for t in Path(calib).read_text().split("\n\n") if len(t) > 200][:8]
+ar = AutoRound(model, tokenizer=AutoTokenizer.from_pretrained(model), bits=4, group_size=32, sym=False, iters=0,
+               disable_opt_rtn=True, disable_model_free=True, amp=False, dataset=texts, nsamples=4, seqlen=32,
+               batch_size=2, device_map="cpu", seed=0)
+ar.quantize_and_save(out, format="auto_round")
+"""
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A uniform W4 sym (gptq layout) and a mixed checkpoint (W3 asym native layout, an 8-bit block, a
-    16-bit down_proj), quantized by the CLI from one tiny Llama."""
+    16-bit down_proj), quantized by the CLI from one tiny Llama, and Intel's W4 asym of the same model."""
     root = tmp_path_factory.mktemp("sglang")
     model = build_tiny_llama(root / "model", hidden=128, intermediate=256, layers=2)
     mixed = {"layers.1.": {"bits": 8, "group_size": 32}, "layers.0.mlp.down_proj": {"bits": 16}}
@@ -226,13 +242,21 @@ def checkpoints(tmp_path_factory):
         subprocess.run([sys.executable, "-m", "quantize", str(model), *args, "--iters", "0", "--nsamples", "2", "--batch_size", "2", "--seqlen", "32",
                         "--dataset", str(CALIB), "--no-eval", "--quiet", "--output_dir", str(root / name)],
                        check=True, cwd=REPO, timeout=600)
-    return {name: root / name for name in runs}
+    found = {name: root / name for name in runs}
+    if importlib.util.find_spec("auto_round") is not None:
+        env = {**os.environ, "QUANTIZE_LLM_NO_AUTOLOAD": "1", "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-c", INTEL_QUANTIZE, str(model), str(CALIB), str(root / "intel")], check=True,
+                       cwd=root, env=env, capture_output=True, timeout=600)
+        found["intel"] = next((root / "intel").glob("*/config.json")).parent
+    return found
 
 
-@pytest.mark.parametrize("name", ["w4", "mixed"])
-def test_sglang_loads_our_checkpoint_through_the_entry_point(checkpoints, name):
+@pytest.mark.parametrize("name", ["w4", "mixed", "intel"])
+def test_sglang_loads_checkpoints_through_the_entry_point(checkpoints, name):
     from transformers import AutoModelForCausalLM
 
+    if name not in checkpoints:
+        pytest.skip("Intel's auto-round is not installed (pip install auto-round==0.16.1)")
     ckpt = checkpoints[name]
     report = _sglang_layers(ckpt)
     assert report["quantization"] == "auto-round" and report["config"] == "AutoRoundSglangConfig"
@@ -249,6 +273,8 @@ def test_sglang_loads_our_checkpoint_through_the_entry_point(checkpoints, name):
         quantized = type(modules[f"{parent}.{parts[0]}"]).__name__ == "QuantLinear"
         assert got["method"] == ("AutoRoundLinearMethod" if quantized else "UnquantizedLinearMethod"), layer_name
         torch.testing.assert_close(torch.tensor(got["out"]), expected, rtol=1e-4, atol=1e-4, msg=layer_name)
+    if name == "intel":
+        assert layout == "awq"
     if name == "mixed":
         assert layout == "auto_round"
         assert report["layers"]["model.layers.0.mlp.down_proj"]["method"] == "UnquantizedLinearMethod"
