@@ -84,7 +84,9 @@ def quantize_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help="model folder, .gguf file or hub id (default: built-in SmolLM2-135M)")
     g = p.add_argument_group("scheme")
-    g.add_argument("--scheme", default=None, help="W2A16, W3A16, W4A16, W8A16 (group 128) or their G32/G64 variants (default W4A16)")
+    g.add_argument("--scheme", default=None, help="W2A16, W3A16, W4A16, W8A16 (group 128) or their G32/G64 variants (default W4A16); "
+                   "floating point and quantized activations (AutoRound's names): MXFP4, MXFP4A16, MXFP8, MXFP8A16, NVFP4, NVFP4A16, "
+                   "FP8_STATIC, FP8_BLOCK, FPW8A16, INT8 (W8A8), INT4 (W4A4, research)")
     g.add_argument("--bits", type=float, help="override the scheme's bits (2, 3, 4, 8); with --schemes: the target average bits per weight (may be fractional, e.g. 2.5)")
     g.add_argument("--group_size", "--group-size", type=int, help="override the group size (32, 64, 128, -1 = per channel)")
     g.add_argument("--asym", action="store_true", help="asymmetric (zero point per group) instead of symmetric")
@@ -220,7 +222,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
     from quantize.export.auto_round import tuning_notes
-    from quantize.export.registry import export, parse_formats
+    from quantize.export.registry import check_formats, export, parse_formats
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
     from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
@@ -237,6 +239,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if bits is not None and not float(bits).is_integer():
         raise UserError(f"--bits {bits:g} is not a whole number: a fractional --bits is a target average, which needs --schemes (e.g. --schemes W2A16,W4A16 --bits {bits:g})")
     scheme = get_scheme(args.scheme or defaults.get("scheme", "W4A16"), bits=None if bits is None else int(bits), group_size=args.group_size, sym=False if args.asym else None)
+    if not auto:
+        check_formats(formats, [scheme])  # a format that cannot hold the scheme: refused before anything loads
     preset = args.preset or defaults.get("preset", "auto-round")
     cfg = get_preset(
         preset,
@@ -271,7 +275,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if auto:
         print(f"scheme     AutoScheme: {', '.join(option_name(o) for o in auto[0])} for an average of at most {auto[1]:g} bits per weight")
     else:
-        print(f"scheme     {scheme.name}: {scheme.bits}-bit, group_size {scheme.group_size}, {'sym' if scheme.sym else 'asym'}")
+        acts = "16-bit activations" if not scheme.quantizes_activations else (
+            f"activations {scheme.act_data_type} {scheme.act_bits}-bit, {'dynamic' if scheme.act_dynamic else 'static'}")
+        print(f"scheme     {scheme.name}: {scheme.data_type} {scheme.bits}-bit, group_size {scheme.group_size}, "
+              f"{'sym' if scheme.sym else 'asym'}, {acts}")
     print(f"tuning     preset {preset}: {cfg.describe()}")
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
@@ -290,6 +297,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         print(auto_plan.summary())
         layer_config, scheme = auto_plan.layer_config, auto_plan.base_scheme
     plan = plan_layers(model, blocks.prefix, scheme, layer_config, ignore, args.quant_lm_head, layout_for)
+    check_formats(formats, plan.quantize.values())
     for layer, why in plan.keep.items():
         if layer.startswith(blocks.prefix + "."):
             print(f"warning: {layer} stays 16-bit: {why}", file=sys.stderr)

@@ -134,7 +134,9 @@ def packed_shapes(layout: str, bits: int, in_features: int, out_features: int, g
 
 
 def layout_fits(layout: str, bits: int, in_features: int, out_features: int) -> str | None:
-    """Why a layer of this shape cannot be packed in ``layout``, or None if it can."""
+    """Why a layer of this shape cannot be packed in ``layout``, or None if it can (``None``: no packing)."""
+    if layout is None:
+        return None
     if layout == "awq" and bits != 4:
         return f"the awq layout holds 4-bit weights only, not {bits}-bit"
     if layout == "awq" and out_features % 8:

@@ -89,6 +89,7 @@ class ResumeState:
         tensors, schemes = {}, {}
         for name, w in weights.items():
             tensors.update({f"{name}.q": w.q, f"{name}.scales": w.scales, f"{name}.zeros": w.zeros})
+            tensors.update({f"{name}.extra.{k}": t for k, t in w.extra.items()})  # FP schemes' fixed scales
             schemes[name] = asdict(w.scheme)
         _atomic_save(tensors, self._block_path(i), {"schemes": json.dumps(schemes), "losses": json.dumps(losses)})
         carry = {"q_inputs": q_inputs.contiguous(), "generator_state": generator.get_state()}
@@ -115,9 +116,11 @@ class ResumeState:
                 raise UserError(f"{self.folder} is incomplete ({block.name} is missing): pass --overwrite to start over")
             with safe_open(str(block), "pt") as f:
                 meta = f.metadata()
+                keys = list(f.keys())
                 for name, scheme in json.loads(meta["schemes"]).items():
+                    extra = {k[len(name) + 7:]: f.get_tensor(k) for k in keys if k.startswith(f"{name}.extra.")}
                     weights[name] = QuantizedWeight(f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scales"),
-                                                    f.get_tensor(f"{name}.zeros"), Scheme(**scheme))
+                                                    f.get_tensor(f"{name}.zeros"), Scheme(**scheme), extra)
                 block_losses = json.loads(meta["losses"])
                 if block_losses is not None:
                     losses.append(tuple(block_losses))

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from quantize import distributed, fp8_grads
+from quantize import act_quant, distributed, fp8_grads, weight_rules
 from quantize.model import UserError, block_output, uses_amp
 from quantize.numerics import dequantize, fake_quantize, quantize_weight, to_groups
 from quantize.presets import TuneConfig
@@ -84,9 +84,10 @@ def block_forward(compiled: bool):
     return _compiled_forward() if compiled else _forward
 
 
-def _qdq(w: torch.Tensor, v, min_scale, max_scale, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """Tuned quantize-dequantize of one weight in float32, returned in the weight's dtype."""
-    return fake_quantize(w, bits, group_size, sym, v, min_scale, max_scale).to(w.dtype)
+def _qdq(w: torch.Tensor, v, min_scale, max_scale, scheme: Scheme, ctx: dict) -> torch.Tensor:
+    """Tuned quantize-dequantize of one weight in float32 (the scheme's rule: quantize.weight_rules),
+    returned in the weight's dtype."""
+    return weight_rules.fake_quantize(w, scheme, v, min_scale, max_scale, ctx).to(w.dtype)
 
 
 def _tuned_loss(block, weights, params, schemes, x, y, block_kwargs, amp: bool) -> torch.Tensor:
@@ -110,18 +111,25 @@ def tuning_loss(compiled: bool):
 
 @dataclass
 class QuantizedWeight:
-    """A layer's final integer form: codes ``[N, K]``, float16 scales and zeros ``[N, G]``."""
+    """A layer's final form. Integer weight-only schemes: codes ``[N, K]``, float16 scales and zeros ``[N, G]``;
+    the other schemes: the forms ``quantize.weight_rules`` lists (zeros empty), and in ``extra`` the float32
+    tensors fixed for the layer (NVFP4 ``weight_global_scale``; calibrated ``input_global_scale`` or
+    ``input_scale`` of static activations)."""
 
     q: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     scheme: Scheme
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.q, self.scales, self.zeros, dtype)
+        if self.scheme.integer_weight_only:
+            return dequantize(self.q, self.scales, self.zeros, dtype)
+        return weight_rules.dequantize(self.q, self.scales, self.zeros, self.extra, self.scheme, dtype)
 
     def to(self, device) -> "QuantizedWeight":
-        return QuantizedWeight(self.q.to(device), self.scales.to(device), self.zeros.to(device), self.scheme)
+        return QuantizedWeight(self.q.to(device), self.scales.to(device), self.zeros.to(device), self.scheme,
+                               {k: t.to(device) for k, t in self.extra.items()})
 
 
 @dataclass
@@ -134,9 +142,9 @@ class BlockResult:
 class _LayerParams(nn.Module):
     def __init__(self, weight: torch.Tensor, scheme: Scheme, device: torch.device, clip: torch.Tensor | None = None):
         super().__init__()
-        groups = to_groups(weight, scheme.group_size).shape[1]
+        shape = weight_rules.clip_shape(scheme, *weight.shape)
         self.v = nn.Parameter(torch.zeros(weight.shape, device=device))
-        start = torch.ones(weight.shape[0], groups, device=device) if clip is None else clip.to(device)
+        start = torch.ones(shape, device=device) if clip is None else clip.to(device)
         self.min_scale = nn.Parameter(start.clone())
         self.max_scale = nn.Parameter(start.clone())
 
@@ -184,9 +192,19 @@ def tune_block(
     amp = uses_amp(cfg.amp, device)
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
-    schemes = {name: (s.bits, s.group_size, s.sym) for name, s in layers.items()}
+    # What each rule fixes before tuning (NVFP4's global scale, fused shards sharing one); static activation
+    # scales calibrated on the tuning inputs; the input fake-quantization, which stays on the block's layers
+    # once tuned, so the quantized block computes as a served checkpoint does (quantize.act_quant).
+    contexts = act_quant.weight_contexts(weights, layers)
+    schemes = {name: (s, contexts[name]) for name, s in layers.items()}
     for p in block.parameters():
         p.requires_grad_(False)
+    static = act_quant.calibrate(block, layers, inputs, block_kwargs, cfg.batch_size, amp)
+    act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
+
+    def final(name: str, *tuned) -> "QuantizedWeight":
+        q, scales, zeros, extra = weight_rules.quantize_weight(weights[name], *schemes[name][:1], *tuned, ctx=schemes[name][1])
+        return QuantizedWeight(q, scales, zeros, layers[name], {**extra, **static.get(name, {})})
 
     def probe_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> float:
         with torch.no_grad(), _autocast(device, amp):
@@ -194,12 +212,12 @@ def tune_block(
         return torch.nn.functional.mse_loss(out.float(), targets[idx].float()).item()
 
     probe = torch.arange(min(cfg.batch_size, len(inputs)), device=device)
-    rtn = {f"{n}.weight": fake_quantize(w, *schemes[n]).to(w.dtype) for n, w in weights.items()}
+    rtn = {f"{n}.weight": weight_rules.fake_quantize(w, schemes[n][0], ctx=schemes[n][1]).to(w.dtype) for n, w in weights.items()}
     loss_before = probe_loss(rtn, probe)
     del rtn
 
     clips = {}
-    searched = [name for name, scheme in layers.items() if cfg.searches_clip(scheme.bits)]
+    searched = [name for name, scheme in layers.items() if cfg.searches_clip(scheme.bits) and scheme.integer_weight_only]
     if cfg.iters > 0 and searched:
         energy = _input_energy(block, searched, inputs, block_kwargs, cfg.batch_size, amp)
         # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
@@ -211,7 +229,7 @@ def tune_block(
     def keep_best() -> None:
         for name, w in weights.items():
             p = params[name]
-            best[name] = QuantizedWeight(*quantize_weight(w, *schemes[name], p.v, p.min_scale, p.max_scale), scheme=layers[name])
+            best[name] = final(name, p.v, p.min_scale, p.max_scale)
 
     if params:
         compiled = compiles(cfg, device, sum(w.numel() for w in weights.values()))
@@ -228,7 +246,7 @@ def tune_block(
                 loss = _warm_up(loss_with(tuning_loss(True)), loss, probe, params)
             _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
     else:
-        best = {n: QuantizedWeight(*quantize_weight(w, *schemes[n]), scheme=layers[n]) for n, w in weights.items()}
+        best = {n: final(n) for n in weights}
 
     for name, qw in best.items():
         modules[name].weight.data = qw.dequantize(weights[name].dtype)

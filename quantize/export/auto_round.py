@@ -65,8 +65,19 @@ def packed_tensors(source: ExportSource, layout: str) -> dict:
     return state
 
 
-@exporter("auto_round", summary="AutoRound's own format (packing chosen as AutoRound does)")
+def holds(scheme: Scheme) -> str | None:
+    """Integer weight-only schemes in the GPTQ/AWQ/native layouts; MX, NV and FP8_STATIC in Intel's FP layouts."""
+    from quantize.export import auto_round_fp
+
+    return None if scheme.integer_weight_only else auto_round_fp.refusal(scheme)
+
+
+@exporter("auto_round", summary="AutoRound's own format (packing chosen as AutoRound does)", holds=holds)
 def write_auto_round(source: ExportSource, folder: Path, option: str | None = None) -> None:
+    if not all(w.scheme.integer_weight_only for w in source.layers.values()):
+        from quantize.export import auto_round_fp
+
+        return auto_round_fp.write(source, folder)
     config = checkpoint_config(source)
     qcfg = config.to_dict()
     write_hf_folder(source, folder, packed_tensors(source, config.layout), qcfg)

@@ -78,10 +78,29 @@ def _round_trips(packed: dict, w, scheme) -> bool:
     return torch.equal(back.to(torch.float16), w.dequantize(torch.float16))
 
 
-@exporter("llm_compressor", summary="compressed-tensors pack-quantized (LLM Compressor's format)", requires=COMPRESSED_TENSORS)
+def holds(scheme: Scheme) -> str | None:
+    """Integer weight-only schemes as pack-quantized; the FP and activation-quantized ones in their own
+    compressed-tensors formats (quantize.export.compressed_tensors_fp)."""
+    from quantize.export import compressed_tensors_fp
+
+    return None if scheme.integer_weight_only else compressed_tensors_fp.refusal(scheme)
+
+
+@exporter("llm_compressor", summary="compressed-tensors pack-quantized (LLM Compressor's format)", requires=COMPRESSED_TENSORS,
+          holds=holds)
 def write_compressed_tensors(source: ExportSource, folder: Path, option: str | None = None) -> None:
     from compressed_tensors.compressors import ModelCompressor
 
+    from quantize.export import compressed_tensors_fp
+
+    kinds = {w.scheme.integer_weight_only for w in source.layers.values()}
+    if kinds == {False}:
+        config = compressed_tensors_fp.quantization_config(source)
+        write_hf_folder(source, folder, compressed_tensors_fp.compressed_tensors(source), None)
+        ModelCompressor(quantization_config=config).update_config(str(folder))
+        return
+    if len(kinds) > 1:
+        raise ExportError("llm_compressor: one checkpoint holds either integer weight-only layers or FP/activation-quantized ones, not both")
     config = quantization_config(source)
     write_hf_folder(source, folder, compressed_tensors(source), None)
     ModelCompressor(quantization_config=config).update_config(str(folder))

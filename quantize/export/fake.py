@@ -10,7 +10,14 @@ from quantize.export.registry import exporter
 from quantize.export.source import ExportSource
 
 
-@exporter("fake", summary="dequantized weights in the original dtype; loads anywhere")
+def holds(scheme) -> str | None:
+    if scheme.quantizes_activations:
+        return (f"fake holds dequantized weights only: the activation quantization of {scheme.name} would be lost; "
+                "use llm_compressor or auto_round")
+    return None
+
+
+@exporter("fake", summary="dequantized weights in the original dtype; loads anywhere", holds=holds)
 def write_fake(source: ExportSource, folder: Path, option: str | None = None) -> None:
     state = dict(source.tensors)
     state.update({f"{name}.weight": source.dequantized(name) for name in source.layers})

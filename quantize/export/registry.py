@@ -25,14 +25,17 @@ class Exporter:
     options: tuple[str, ...] = ()  # allowed ``name:option`` values; empty: the format takes none
     summary: str = ""
     requires: tuple[str, str] | None = None  # (module, pip requirement) of an optional package it writes with
+    # ``holds(scheme) -> None | why not``; None: integer weight-only schemes only (the formats before issue 14)
+    holds: Callable | None = None
 
 
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def exporter(name: str, options: tuple[str, ...] = (), summary: str = "", requires: tuple[str, str] | None = None):
+def exporter(name: str, options: tuple[str, ...] = (), summary: str = "", requires: tuple[str, str] | None = None,
+             holds: Callable | None = None):
     def register(write: Callable) -> Callable:
-        EXPORTERS[name] = Exporter(write, options, summary, requires)
+        EXPORTERS[name] = Exporter(write, options, summary, requires, holds)
         return write
 
     return register
@@ -83,12 +86,31 @@ def parse_formats(text: str) -> list[FormatSpec]:
     return specs
 
 
+def refusal(spec: FormatSpec, scheme) -> str | None:
+    """Why format ``spec`` cannot hold layers of ``scheme`` (None: it can)."""
+    holds = EXPORTERS[spec.name].holds
+    if holds is not None:
+        return holds(scheme)
+    if scheme.integer_weight_only:
+        return None
+    return (f"format {spec.label} holds integer weight-only schemes (W2A16-W8A16), not {scheme.name}: "
+            "use llm_compressor (or auto_round for MXFP4, MXFP8, NVFP4 and FP8_STATIC)")
+
+
+def check_formats(formats: list[FormatSpec], schemes) -> None:
+    """Refuse, before any tuning, a format that cannot hold one of the run's schemes, saying why."""
+    reasons = sorted({why for spec in formats for s in set(schemes) if (why := refusal(spec, s))})
+    if reasons:
+        raise ExportError("; ".join(reasons))
+
+
 def export(source, formats: list[FormatSpec], output_dir: str | Path, overwrite: bool = False) -> list[Path]:
     """Write every format; one format fills ``output_dir``, several get a subfolder each. All of it
     appears at once or not at all (a format that refuses leaves nothing behind)."""
     out = Path(output_dir).expanduser().resolve()
     with atomic_dir(out, overwrite) as tmp:
         folders = []
+        check_formats(formats, [w.scheme for w in source.layers.values()])
         for spec in formats:
             folder = tmp if len(formats) == 1 else tmp / spec.folder
             folder.mkdir(exist_ok=True)
