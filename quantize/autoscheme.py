@@ -17,7 +17,13 @@ Three steps, each usable on its own:
    ``layer_config`` (or ``ignore``) are fixed and their bits leave the budget.
 
 :func:`choose_schemes` runs all three on a model and returns an :class:`AutoSchemePlan`, whose
-``layer_config`` the existing planner (:func:`quantize.layer_config.plan_layers`) consumes unchanged.
+``layer_config`` the existing planner (:func:`quantize.layer_config.plan_layers`) consumes unchanged::
+
+    model, tok = load_model(path); blocks = find_blocks(model)
+    plan = choose_schemes(model, blocks, "W2A16,W4A16", 3.0, calibration_ids("bundled", tok, 16, 256))
+    print(plan.summary())
+    layers = plan_layers(model, blocks.prefix, plan.base_scheme, plan.layer_config, layout_for=layout_for)
+    result = quantize_model(model, blocks, layers, calib_ids, tune_config, device)
 """
 
 from __future__ import annotations
@@ -490,6 +496,7 @@ class AutoSchemePlan:
     score_method: str
     option_loss: dict[str, float]
     ignore_scale_zp_bits: bool = False
+    unavailable: dict[str, dict[str, str]] = field(default_factory=dict)  # layer -> option -> why it cannot take it
 
     def summary(self) -> str:
         counted = "weights only (scale and zero-point bits ignored)" if self.ignore_scale_zp_bits else \
@@ -514,6 +521,8 @@ class AutoSchemePlan:
         for s in self.choices.values():
             counts[option_name(s)] = counts.get(option_name(s), 0) + 1
         lines.append("  layers per scheme: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for name, why in self.unavailable.items():
+            lines.append(f"  unavailable for {name}: " + "; ".join(f"{k} ({v})" for k, v in why.items()))
         lines.append(f"  average {self.average:.4f} <= target {self.target:g}")
         return "\n".join(lines)
 
@@ -586,8 +595,7 @@ def choose_schemes(
     token ids (AutoRound scores on 16 x 256). The model is left as it was. Returns the plan; pass its
     ``layer_config`` and ``base_scheme`` to :func:`quantize.layer_config.plan_layers`.
     """
-    if isinstance(options, str) or not all(o is None or isinstance(o, Scheme) for o in options):
-        options = parse_options(options)
+    options = parse_options(options)
     if not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
         raise UserError(f"the target average bits must be a positive number, got {target!r}")
     scope = find_scope(model, blocks, options, layer_config, ignore, quant_lm_head, base, layout_for)
@@ -608,5 +616,5 @@ def choose_schemes(
         target=float(target), average=average, options=list(options), choices=choices, fixed=fixed,
         shapes=dict(scope.shapes), scores=scores.per_layer, layer_config=config, base_scheme=base_scheme,
         reachable=reachable, total_score=total_score, score_seconds=scores.seconds, score_method=scores.method,
-        option_loss=scores.loss, ignore_scale_zp_bits=ignore_scale_zp_bits,
+        option_loss=scores.loss, ignore_scale_zp_bits=ignore_scale_zp_bits, unavailable=dict(scope.unavailable),
     )

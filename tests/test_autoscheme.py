@@ -265,3 +265,14 @@ def test_cli_bad_input(tmp_path, args, message):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_option_a_layer_cannot_take_is_named(model_and_ids):
+    model, blocks, ids = model_and_ids  # hidden 64: group 128 fits only down_proj (in_features 128)
+    plan = choose_schemes(model, blocks, "W2A16G32,W4A16", 2.6, ids, layout_for=layout_for, progress=False)
+    why = plan.unavailable["model.layers.0.self_attn.q_proj"]["W4A16"]
+    assert why == "in_features 64 is not a multiple of group_size 128"
+    assert "model.layers.0.mlp.down_proj" not in plan.unavailable
+    assert all(s == Scheme(2, 32) for n, s in plan.choices.items() if "down_proj" not in n)
+    assert "unavailable for model.layers.0.self_attn.q_proj: W4A16 (in_features 64" in plan.summary()
+    assert plan.average <= 2.6
