@@ -54,15 +54,16 @@ def reference(ckpts: list[Path], dtype: str, tokens: int) -> dict:
 
     import quantize  # noqa: F401  (the transformers loader for auto_round checkpoints)
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
     for ckpt in ckpts:
         try:
             tok = AutoTokenizer.from_pretrained(ckpt)
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), device_map="cuda").eval()
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), device_map=device).eval()
             texts, ids = [], []
             with torch.no_grad():
                 for prompt in PROMPTS:
-                    x = tok(prompt, return_tensors="pt").input_ids.cuda()
+                    x = tok(prompt, return_tensors="pt").input_ids.to(device)
                     y = model.generate(x, max_new_tokens=tokens, do_sample=False)[0, x.shape[1]:]
                     texts.append(tok.decode(y, skip_special_tokens=True))
                     ids.append(y.tolist())
@@ -84,11 +85,18 @@ def engine_args(ckpt: Path, dtype: str) -> dict:
                 random_seed=0, log_level="info", context_length=512)
 
 
-def serve_engine(ckpts: list[Path], dtype: str, tokens: int, prompt_ids: dict) -> dict:
+def serve_engine(ckpts: list[Path], dtype: str, tokens: int, prompt_ids: dict, results: Path) -> None:
+    """One engine after another; each result goes to ``results`` (JSON) as soon as it is known, with the
+    checkpoint in progress under "_current", so that a crash of SGLang (its watchdog kills this process
+    when a scheduler dies) loses nothing else."""
     import sglang
 
-    out = {}
+    out = json.loads(results.read_text()) if results.exists() else {}
     for ckpt in ckpts:
+        if ckpt.name in out:
+            continue
+        out["_current"] = ckpt.name
+        results.write_text(json.dumps(out))
         print(f"=== ENGINE {ckpt.name}", file=sys.stderr, flush=True)
         t0 = time.time()
         try:
@@ -106,8 +114,9 @@ def serve_engine(ckpts: list[Path], dtype: str, tokens: int, prompt_ids: dict) -
                 engine.shutdown()
         except Exception as e:  # noqa: BLE001
             out[ckpt.name] = {"error": f"{type(e).__name__}: {e}"[-3000:], "seconds": time.time() - t0}
+        out.pop("_current", None)
+        results.write_text(json.dumps(out))
         print(f"=== DONE {ckpt.name} {json.dumps(out[ckpt.name])[:300]}", file=sys.stderr, flush=True)
-    return out
 
 
 def kernel_lines(log: str) -> dict[str, list[str]]:
@@ -194,8 +203,10 @@ def main() -> None:
     p.add_argument("--ref-path", default=os.environ.get("QUANTIZE_SITE", ""),
                    help="PYTHONPATH for the transformers reference (this project without the SGLang kit)")
     p.add_argument("--json", default=None)
+    p.add_argument("--engine-timeout", type=float, default=420, help="seconds for one engine process (all its checkpoints)")
     p.add_argument("--step", choices=["reference", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--results", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     ckpts = checkpoints(Path(args.ckpts), args.names)
 
@@ -204,7 +215,8 @@ def main() -> None:
         return
     if args.step == "engine":
         ids = json.loads(Path(args.prompt_ids).read_text()) if args.prompt_ids else {}
-        print(json.dumps(serve_engine(ckpts, args.dtype, args.tokens, ids)))
+        serve_engine(ckpts, args.dtype, args.tokens, ids, Path(args.results))
+        print("{}")
         return
 
     common = ["--ckpts", args.ckpts, "--dtype", args.dtype, "--tokens", str(args.tokens)] + (["--names", args.names] if args.names else [])
@@ -218,13 +230,28 @@ def main() -> None:
     ids_file = Path("/tmp/sglang_e2e_prompt_ids.json")
     ids_file.write_text(json.dumps({k: v["prompt_ids"] for k, v in ref.items() if isinstance(v, dict) and "prompt_ids" in v}))
     t0 = time.time()
-    eng, eng_log = child(["--step", "engine", *common, "--prompt-ids", str(ids_file)], dict(os.environ), 900)
+    results = Path("/tmp/sglang_e2e_engine.json")
+    results.unlink(missing_ok=True)
+    eng_log = ""
+    for _ in range(len(ckpts)):  # a crash ends one engine process; the next goes on after that checkpoint
+        status, log = child(["--step", "engine", *common, "--prompt-ids", str(ids_file), "--results", str(results)],
+                            dict(os.environ), args.engine_timeout)
+        eng_log += log
+        eng = json.loads(results.read_text()) if results.exists() else {}
+        current = eng.pop("_current", None)
+        if current is None and "error" not in status:
+            break
+        eng[current or "_engine"] = {"error": status.get("error", "engine process died")[-3000:]}
+        results.write_text(json.dumps(eng))
+        if current is None:
+            break
+    eng = json.loads(results.read_text()) if results.exists() else {}
     Path("/tmp/sglang_e2e_engine.log").write_text(eng_log)
     print(f"sglang.Engine: {time.time() - t0:.0f} s", flush=True)
     kernels = kernel_lines(eng_log)
     for ckpt in ckpts:
         r = ref.get(ckpt.name, {"error": ref.get("error", "missing")})
-        s = eng.get(ckpt.name, {"error": eng.get("error", "missing")})
+        s = eng.get(ckpt.name, {"error": "not run"})
         row = {"transformers": r, "sglang": s, "kernels": kernels.get(ckpt.name, [])}
         qc = json.loads((ckpt / "config.json").read_text()).get("quantization_config", {})
         row["format"] = {k: qc.get(k) for k in ("packing_format", "bits", "group_size", "sym")}
@@ -232,9 +259,9 @@ def main() -> None:
         if "ids" in r and s.get("ids") and all(x is not None for x in s["ids"]):
             row["equal_ids"] = r["ids"] == s["ids"]
         result["checkpoints"][ckpt.name] = row
-    if "error" in eng and not any(isinstance(v, dict) for v in eng.values()):
-        result["engine_error"] = eng["error"]
-        print(eng["error"][-3000:])
+    if "_engine" in eng:
+        result["engine_error"] = eng["_engine"]["error"]
+        print(result["engine_error"][-3000:])
     result["server"] = {}
     for name in [n for n in args.server.split(",") if n]:
         match = [c for c in ckpts if c.name == name]
