@@ -77,8 +77,13 @@ def run_intel(base, tok, scheme, cfg, calib, device):
     from auto_round import AutoRound
 
     model = copy.deepcopy(base)
+    # FP and activation-quantized schemes by AutoRound's preset name (our names are its names); at iters 0 its
+    # plain RTN (disable_opt_rtn: its default "optimized RTN" scale search is another algorithm, and takes
+    # minutes per block on a CPU), which is what ours computes at iters 0.
+    how = (dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme.integer_weight_only
+           else dict(scheme=scheme.name, disable_opt_rtn=cfg.iters == 0))
     ar = AutoRound(
-        model, tokenizer=tok, bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym,
+        model, tokenizer=tok, **how,
         dataset=[row.unsqueeze(0) for row in calib], device_map=0 if device.type == "cuda" else "cpu",
         disable_model_free=True, **intel_settings(cfg),
     )

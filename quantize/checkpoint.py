@@ -17,7 +17,12 @@ PACKING_FORMATS = {
     "auto_round:auto_awq": "awq",
     "auto_round:awq": "awq",
     "auto_round": "auto_round",
+    # Intel 0.16.1's FP layouts (quantize.export.auto_round_fp): per-layer tensors named as compressed-tensors'
+    "auto_round:llm_compressor": "fp",
+    "auto_round:fp8_static": "fp",
 }
+FP_PACKING = {"auto_round:llm_compressor", "auto_round:fp8_static"}
+ACT_KEYS = ("act_bits", "act_data_type", "act_group_size", "act_dynamic")
 _SCHEME_KEYS = {"bits", "group_size", "sym", "data_type"}
 # Activation fields Intel writes; only 16-bit activations (weight-only) are served here.
 _ACT_KEYS = ("act_bits",)
@@ -66,7 +71,16 @@ def layout_for(scheme: Scheme) -> str | None:
     return PACKING_FORMATS[packing_format_for([scheme])]
 
 
+def _fp_or_act(d: dict) -> bool:
+    """FP weights or quantized activations: checked whole by Scheme (quantize.scheme), not field by field."""
+    quantized = not (isinstance(d.get("bits"), int) and d["bits"] >= 16)
+    act = d.get("act_bits")
+    return quantized and (d.get("data_type", "int") != "int" or (isinstance(act, int) and act < 16))
+
+
 def _check_scheme_fields(d: dict, where: str) -> None:
+    if _fp_or_act(d):
+        return
     if "bits" in d and d["bits"] not in SUPPORTED_BITS and not (isinstance(d["bits"], int) and d["bits"] >= 16):
         raise ConfigError(f"{where}: bits={d['bits']} is not supported (supported: {SUPPORTED_BITS}, or 16 to keep a layer)")
     if "group_size" in d and d["group_size"] not in SUPPORTED_GROUP_SIZES:
@@ -96,8 +110,17 @@ class CheckpointConfig:
         return PACKING_FORMATS[self.packing_format]
 
     @property
+    def act_fields(self) -> dict:
+        """The activation fields as written (Intel writes them beside the weights'), when activations are quantized."""
+        act = {k: self.metadata[k] for k in ACT_KEYS if self.metadata.get(k) is not None}
+        return act if act.get("act_bits", 16) < 16 else {}
+
+    @property
     def default_scheme(self) -> Scheme:
-        return Scheme(self.bits, self.group_size, self.sym, self.data_type)
+        try:
+            return Scheme(self.bits, self.group_size, self.sym, self.data_type, **self.act_fields)
+        except ValueError as e:
+            raise ConfigError(f"quantization_config: {e}") from e
 
     @classmethod
     def from_dict(cls, d: dict) -> "CheckpointConfig":
@@ -129,7 +152,13 @@ class CheckpointConfig:
             _check_scheme_fields(spec, f"extra_config[{name!r}]")
         known = {"quant_method", "bits", "group_size", "sym", "data_type", "packing_format", "block_name_to_quantize", "extra_config"}
         meta = {k: v for k, v in d.items() if k not in known}
-        return cls(d["bits"], d["group_size"], d["sym"], fmt, list(blocks), d.get("data_type", "int"), dict(extra), meta)
+        cfg = cls(d["bits"], d["group_size"], d["sym"], fmt, list(blocks), d.get("data_type", "int"), dict(extra), meta)
+        scheme = cfg.default_scheme  # FP and activation fields: validated whole, here
+        if (fmt in FP_PACKING) == scheme.integer_weight_only:
+            raise ConfigError(f"packing_format={fmt!r} does not hold {scheme.name} (data_type={scheme.data_type!r}, act_bits={scheme.act_bits})")
+        for name in extra:
+            cfg.layer_scheme(name)
+        return cfg
 
     def to_dict(self) -> dict:
         return {
@@ -154,7 +183,9 @@ class CheckpointConfig:
             return self.default_scheme if in_block else None
         if spec.get("bits", self.bits) >= 16:
             return None
-        merged = {k: spec.get(k, getattr(self.default_scheme, k)) for k in _SCHEME_KEYS}
+        merged = {k: spec.get(k, getattr(self.default_scheme, k)) for k in (*_SCHEME_KEYS, *ACT_KEYS)}
+        if merged["act_bits"] is None or merged["act_bits"] >= 16:
+            merged.update(act_bits=16, act_data_type=None, act_group_size=None, act_dynamic=None)
         try:
             return Scheme(**merged)
         except ValueError as e:

@@ -50,7 +50,10 @@ class Scheme:
     def __post_init__(self):
         if self.data_type not in DATA_TYPES:
             raise ValueError(f"data_type={self.data_type!r} is not supported; choose one of {DATA_TYPES}")
-        getattr(self, f"_check_{self.data_type}")()
+        try:
+            getattr(self, f"_check_{self.data_type}")()
+        except ValueError as e:
+            raise ValueError(str(e) if self.data_type == "int" else f"data_type={self.data_type!r}: {e}") from None
         if self.act_bits < 16:
             act = (self.act_bits, self.act_data_type, self.act_group_size, self.act_dynamic)
             allowed = _ACT_RULES[self.data_type]
@@ -72,7 +75,8 @@ class Scheme:
                 f"group_size={self.group_size} is not supported; choose one of {SUPPORTED_GROUP_SIZES} (-1 = per channel)"
             )
         if self.act_bits < 16 and (self.group_size != -1 or not self.sym):
-            raise ValueError("integer weights with quantized activations (W8A8, W4A4) are symmetric per channel: group_size -1, sym")
+            raise ValueError(f"act_bits={self.act_bits}: integer weights with quantized activations (W8A8, W4A4) are symmetric per "
+                             f"channel (group_size -1, sym), not group_size={self.group_size}, sym={self.sym}")
 
     def _check_mx_fp(self):
         if self.bits not in (4, 8) or self.group_size != 32 or not self.sym:

@@ -3,6 +3,7 @@ weights load, check and prepare the kernels after."""
 
 from __future__ import annotations
 
+import torch
 from safetensors import safe_open
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
@@ -12,6 +13,7 @@ from quantize.kernels import LinearSpec
 from quantize.moe import checkpoint_namer, drop_expert_converters, unfuse_experts
 from quantize.packing import layout_fits
 
+from quantize.integrations.transformers.fp_modules import FPQuantLinear
 from quantize.integrations.transformers.modules import QuantLinear
 
 
@@ -27,6 +29,14 @@ def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -
         if scheme is None:
             continue
         k, n = module.in_features, module.out_features
+        if not scheme.integer_weight_only:  # MX / NV / FP8_STATIC: exact emulation (fp_modules)
+            if scheme.k_multiple and k % scheme.k_multiple:
+                raise ConfigError(f"layer {name}: group_size {scheme.group_size} does not divide in_features {k}")
+            parent, _, child = name.rpartition(".")
+            fp = FPQuantLinear(scheme, k, n, module.bias is not None, module.weight.dtype)
+            setattr(model.get_submodule(parent) if parent else model, child, fp)
+            count += 1
+            continue
         if scheme.group_size != -1 and k % scheme.group_size:
             raise ConfigError(f"layer {name}: group_size {scheme.group_size} does not divide in_features {k}")
         why = layout_fits(ckpt.layout, scheme.bits, k, n)
@@ -75,9 +85,20 @@ class AutoRoundQuantizer(HfQuantizer):
         if checkpoint_files:
             check_tensors(model, checkpoint_files)
 
+    def update_dtype(self, dtype):
+        self.load_dtype = dtype
+        return dtype
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers keeps the checkpoint's dtype for tensors it renamed while loading a pre-quantized
+        # model (Mixtral's block_sparse_moe.gate); give them the dtype the model was asked for.
+        dtype, rename = getattr(self, "load_dtype", None), checkpoint_namer(model)
+        if isinstance(dtype, torch.dtype):
+            for name, p in model.named_parameters():
+                if p.is_floating_point() and p.dtype != dtype and rename(name) != name:
+                    p.data = p.data.to(dtype)
         for module in model.modules():
-            if isinstance(module, QuantLinear):
+            if isinstance(module, (QuantLinear, FPQuantLinear)):
                 module.prepare()
         return model
 
