@@ -67,6 +67,11 @@ class AutoRoundVllmConfig(QuantizationConfig):
         if isinstance(layer, ParallelLMHead):
             refuse_quantized_lm_head(self.checkpoint, prefix, "vLLM")
         if not isinstance(layer, LinearBase):
+            from quantize.integrations.vllm.moe import MOE_LAYER, AutoRoundMoEMethod, experts_scheme
+
+            if isinstance(layer, MOE_LAYER):  # MoE experts: per-expert tensors (integrations/vllm/moe.py)
+                scheme = experts_scheme(self.checkpoint, prefix, layer.global_num_experts)
+                return AutoRoundMoEMethod(layer.moe_config, scheme, self.checkpoint.layout, prefix)
             return None  # embeddings and the lm_head stay as vLLM builds them
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")
         if scheme is None:
