@@ -114,6 +114,13 @@ def serve_engine(ckpts: list[Path], dtype: str, tokens: int, prompt_ids: dict, r
                 engine.shutdown()
         except Exception as e:  # noqa: BLE001
             out[ckpt.name] = {"error": f"{type(e).__name__}: {e}"[-3000:], "seconds": time.time() - t0}
+            out.pop("_current", None)
+            results.write_text(json.dumps(out))
+            print(f"=== DONE {ckpt.name} {json.dumps(out[ckpt.name])[:300]}", file=sys.stderr, flush=True)
+            # A failed start can leave SGLang half-imported (e.g. custom ops registered twice): the next
+            # checkpoint gets a fresh process.
+            sys.stderr.flush()
+            os._exit(3)
         out.pop("_current", None)
         results.write_text(json.dumps(out))
         print(f"=== DONE {ckpt.name} {json.dumps(out[ckpt.name])[:300]}", file=sys.stderr, flush=True)
@@ -168,9 +175,11 @@ def serve_http(ckpt: Path, dtype: str, tokens: int, timeout: float = 240) -> dic
         return {"text": answer["choices"][0]["text"], "seconds": time.time() - t0,
                 "kernels": [ln.split("quantize-llm:", 1)[1].strip() for ln in Path(log.name).read_text().splitlines() if "quantize-llm:" in ln]}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
         try:
+            os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
 
@@ -239,11 +248,12 @@ def main() -> None:
         eng_log += log
         eng = json.loads(results.read_text()) if results.exists() else {}
         current = eng.pop("_current", None)
-        if current is None and "error" not in status:
-            break
-        eng[current or "_engine"] = {"error": status.get("error", "engine process died")[-3000:]}
+        if current is not None:  # died or timed out while serving this one
+            eng[current] = {"error": status.get("error", "engine process died")[-3000:]}
+        elif "error" in status and not any(c.name in eng for c in ckpts):
+            eng["_engine"] = {"error": status["error"][-3000:]}
         results.write_text(json.dumps(eng))
-        if current is None:
+        if all(c.name in eng for c in ckpts) or "_engine" in eng:
             break
     eng = json.loads(results.read_text()) if results.exists() else {}
     Path("/tmp/sglang_e2e_engine.log").write_text(eng_log)
