@@ -312,7 +312,11 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     resume_folder = resume_dir(output_dir)
+    from quantize.moe import reset_routed, unrouted_experts
+
+    reset_routed(model)  # MoE: count which experts calibration reaches (the summary says)
     result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite)
+    result.unrouted = unrouted_experts(model)
     if not team.leader:
         return 0  # the leader writes the checkpoint
     source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
@@ -365,6 +369,10 @@ def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl
         reasons.setdefault(why, []).append(layer)
     print("\nsummary")
     print(f"  quantized   {len(result.weights)} linear layers in {len(result.blocks.modules)} blocks ({result.seconds:.1f} s of tuning)")
+    missed, experts = getattr(result, "unrouted", (0, 0))
+    if experts:
+        print(f"  MoE         {experts - missed} of {experts} experts saw calibration tokens; {missed} no token reached "
+              "kept round-to-nearest weights")
     for why, layers in reasons.items():
         shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
         print(f"  16-bit      {len(layers)}: {shown} ({why})")

@@ -57,7 +57,10 @@ def plan_layers(
     plan = LayerPlan()
     from quantize.moe import UnfusedExperts, moe_keep
 
+    from quantize.vlm import cross_attention_keep, kept_towers
+
     moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
+    special = cross_attention_keep(model, block_prefix)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_tied = head is not None and head.weight is model.get_input_embeddings().weight
     for name, module in model.named_modules():
@@ -75,7 +78,7 @@ def plan_layers(
         if any(match_name(p, name) for p in ignore):
             plan.keep[name] = "in the ignore list"
             continue
-        why = moe_keep(name, module) if moe else None
+        why = special.get(name) or (moe_keep(name, module) if moe else None)
         if why:
             plan.keep[name] = why
             continue
@@ -93,6 +96,7 @@ def plan_layers(
             plan.keep[name] = why
             continue
         plan.quantize[name] = layer_scheme
+    plan.keep.update(kept_towers(model, block_prefix))  # VLMs: vision tower and projector, per module
     if not plan.quantize:
         reasons = sorted(set(plan.keep.values()))
         raise UserError(

@@ -106,8 +106,13 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     method = (getattr(config, "quantization_config", None) or {}).get("quant_method")
     for package in LOADERS.get(method, ()):
         require(*package, f"loading the {method} checkpoint {spec}")
+    from quantize.vlm import is_vlm, prepare_text_only
+
+    auto = AutoModelForCausalLM
+    if is_vlm(config):  # only the language model's blocks are quantized (quantize.vlm)
+        from transformers import AutoModelForImageTextToText as auto
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or "auto", **kwargs)
+        model = auto.from_pretrained(where, dtype=dtype or "auto", **kwargs)
     except ValueError as e:
         raise UserError(f"{config.model_type} is not a causal LM transformers can load: {e}. Supported: {SUPPORTED_FAMILIES}") from e
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -118,6 +123,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     from quantize.moe import unfuse_experts
 
     unfuse_experts(model)  # MoE experts as per-expert nn.Linear layers (quantize.moe)
+    prepare_text_only(model)  # Mllama's cross-attention layers without an image (quantize.vlm)
     model.eval()
     return model, tokenizer
 

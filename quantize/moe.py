@@ -193,9 +193,8 @@ def checkpoint_namer(model: nn.Module):
         from transformers.core_model_loading import PrefixChange, WeightRenaming, rename_source_key
     except ImportError:
         return lambda name: name
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    # As save_pretrained does for a model it did not load: the same names at export and at load time.
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
     try:
         renamings = [r for r in (c.reverse_transform() for c in list(conversions)[::-1]) if isinstance(r, WeightRenaming)]
     except Exception:  # noqa: BLE001 - a transform that cannot be reversed: keep the model's names

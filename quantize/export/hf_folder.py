@@ -37,6 +37,9 @@ def write_hf_folder(source, folder: Path, tensors: dict[str, torch.Tensor], quan
         source.generation_config.save_pretrained(folder)
     if source.tokenizer is not None:
         source.tokenizer.save_pretrained(folder)
+    from quantize.vlm import copy_processor_files
+
+    copy_processor_files(getattr(source.config, "_name_or_path", None), folder)  # VLMs: AutoProcessor's files
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -68,12 +68,12 @@ class ExportSource:
         def layer(name: str) -> str:
             return rename(name + ".weight")[: -len(".weight")]
 
-        return cls(
+        source = cls(
             config=config,
             tensors={rename(k): t for k, t in tensors.items()},
             layers={layer(n): w for n, w in result.weights.items()},
             linear_shapes={layer(n): s for n, s in linears.items()},
-            block_prefixes=[result.blocks.prefix],
+            block_prefixes=[layer(result.blocks.prefix + ".0.x")[: -len(".0.x")]],
             scheme=scheme,
             dtype=model.dtype,
             name=Path(getattr(config, "_name_or_path", "") or "model").name or "model",
@@ -81,6 +81,7 @@ class ExportSource:
             generation_config=getattr(model, "generation_config", None),
             metadata=dict(metadata or {}),
         )
+        return source
 
 
 def linear_shapes_of(config) -> dict[str, tuple[int, int]]:

