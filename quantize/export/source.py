@@ -81,6 +81,9 @@ class ExportSource:
             generation_config=getattr(model, "generation_config", None),
             metadata=dict(metadata or {}),
         )
+        from quantize.mtp import add_mtp
+
+        add_mtp(source, getattr(config, "_name_or_path", None), scheme)  # MTP layers transformers did not build
         return source
 
 
