@@ -217,3 +217,58 @@ def _move_non_block(model: nn.Module, blocks: Blocks, device: torch.device) -> N
 
 def block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def per_block_kwargs(model: nn.Module, blocks: Blocks, shared: dict, sample: torch.Tensor, device: torch.device,
+                     dtype: torch.dtype) -> list[dict]:
+    """The keyword arguments each block gets, where they differ between blocks: models whose layers have
+    types (``config.layer_types``: Gemma 2/3 sliding and full attention, with their own masks and, in
+    Gemma 3, their own rotary tables) pass each type its own. ``shared`` (block 0's, from
+    :func:`capture_block_inputs`) serves every block of block 0's type. The other types' arguments come
+    from one forward pass on ``sample`` with every block stubbed out (they do not depend on the blocks'
+    outputs). Models without layer types: ``shared`` for every block."""
+    n = len(blocks.modules)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = list(getattr(text, "layer_types", None) or [])[:n]
+    if len(types) != n or len(set(types)) < 2:
+        return [shared] * n
+    wanted = {}
+    for i, t in enumerate(types):
+        wanted.setdefault(t, i)
+    wanted.pop(types[0])
+    captured: dict[int, dict] = {}
+
+    def stub(i):
+        def forward(hidden_states=None, *args, **kwargs):
+            if i in wanted.values():
+                captured[i] = dict(kwargs)
+                if len(captured) == len(wanted):
+                    raise _StopForward
+            return hidden_states
+        return forward
+
+    home = next(t for _, t in _non_block_tensors(model, blocks)).device
+    _move_non_block(model, blocks, device)
+    saved = [block.__dict__.get("forward") for block in blocks.modules]  # e.g. quantize.vlm's pass-through
+    for i, block in enumerate(blocks.modules):
+        block.forward = stub(i)
+    try:
+        model(sample.reshape(1, -1).to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for block, forward in zip(blocks.modules, saved):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
+        _move_non_block(model, blocks, home)
+    if len(captured) != len(wanted):
+        raise UserError(f"could not capture the block arguments of every layer type ({sorted(wanted)}) of {type(model).__name__}")
+    by_type = {types[0]: shared}
+    for t, i in wanted.items():
+        kw = {k: v for k, v in captured[i].items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kw["use_cache"] = False
+        by_type[t] = _to(kw, device, dtype)
+    return [by_type[t] for t in types]

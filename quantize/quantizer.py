@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from quantize import distributed
 from quantize.layer_config import LayerPlan
-from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, uses_amp
+from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
 from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
@@ -120,6 +120,7 @@ def quantize_model(
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, len(blocks.modules))
     fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
+    block_kwargs = per_block_kwargs(model, blocks, kwargs, calib_ids[0], device, dtype)  # per layer type (Gemma 3)
     _check_finite(fp_inputs, "entering the first block")
     q_inputs = fp_inputs
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -144,6 +145,7 @@ def quantize_model(
                initial=first, total=len(blocks.modules))
     with _stop_at_block_boundary(state is not None) as stop_asked:
         for i, block in bar:
+            kwargs = block_kwargs[i]
             t0 = time.time()
             prefix = blocks.name(i) + "."
             layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}

@@ -144,3 +144,32 @@ def test_vlm_block_names_map_to_vllm(family, tmp_path):
     assert config.checkpoint.layer_scheme(language) == Scheme(4, 32, True)
     for name in vision:
         assert config.checkpoint.layer_scheme(name) is None
+
+
+def test_layer_types_get_their_own_block_arguments(tmp_path):
+    """Gemma 3 gives sliding and full attention layers their own masks and rotary tables: the blocks run
+    one by one (as tuning runs them) reproduce the model's own hidden states only with per-type arguments."""
+    from quantize.model import capture_block_inputs, per_block_kwargs
+
+    torch.manual_seed(0)
+    cfg = VLMS["gemma3"]()
+    cfg.text_config.layer_types = ["sliding_attention", "full_attention"]
+    cfg.text_config.sliding_window = 8
+    model = AutoModelForImageTextToText.from_config(cfg).eval()
+    blocks = find_blocks(model)
+    ids = torch.randint(0, 8000, (2, 32))
+    x, shared = capture_block_inputs(model, blocks, ids, torch.device("cpu"), torch.float32)
+    per_block = per_block_kwargs(model, blocks, shared, ids[0], torch.device("cpu"), torch.float32)
+    assert per_block[0] is shared and per_block[1] is not shared
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks.modules]
+    with torch.no_grad():
+        model(input_ids=ids)
+        for hk in hooks:
+            hk.remove()
+        h = x
+        for i, block in enumerate(blocks.modules):
+            wrong = block(h, **shared)
+            h = block(h, **per_block[i])
+            torch.testing.assert_close(h, outputs[i])
+        assert not torch.allclose(wrong, h)  # block 1 with block 0's mask and rotary table
