@@ -25,6 +25,8 @@ COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
 MOE = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16)),
     "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                         num_experts=8, num_experts_per_tok=2)),
     "deepseek_v3": ("DeepseekV3Config", dict(
         num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
@@ -35,6 +37,7 @@ EXPERT_KEY = {
     "qwen3_moe": "model.layers.1.mlp.experts.{e}.{p}",
     "mixtral": "model.layers.1.block_sparse_moe.experts.{e}.{p}",
     "deepseek_v3": "model.layers.1.mlp.experts.{e}.{p}",
+    "qwen2_moe": "model.layers.1.mlp.experts.{e}.{p}",
 }
 PROJ = {"mixtral": ("w1", "w3", "w2")}
 
@@ -86,6 +89,9 @@ def test_moe_round_trip(family, tmp_path):
     assert not any(n.endswith(".gate") for n in plan.quantize)  # routers are not nn.Linear in transformers 5
     if family == "deepseek_v3":
         assert "model.layers.1.mlp.shared_experts.gate_proj" in plan.quantize
+    if family == "qwen2_moe":  # the shared expert is quantized, its gate (an nn.Linear to 1 output) is not
+        assert "model.layers.1.mlp.shared_expert.down_proj" in plan.quantize
+        assert "router" in plan.keep["model.layers.1.mlp.shared_expert_gate"]
     ids = calibration_ids(str(CALIB), tok, nsamples=4, seqlen=32, seed=0)
     reset_routed(model)
     result = quantize_model(model, blocks, plan, ids, TuneConfig(iters=2, nsamples=4, seqlen=32, batch_size=2), torch.device("cpu"), progress=False)
@@ -207,3 +213,25 @@ def test_qwen3_moe_intel_compat_both_ways(tmp_path):
         assert torch.equal(loaded(prompt).logits, logits)
     out = _intel(INTEL_LOAD, ours)  # ours, Intel's loader
     assert float(out.split("MAXDIFF")[1].split()[0]) == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_convert_reads_moe_checkpoint(family, tmp_path):
+    """quantize.convert reads an MoE auto_round checkpoint per expert: written again, the same tensors."""
+    from safetensors.torch import load_file
+
+    from quantize.convert import convert
+
+    src = build(family, tmp_path / "src")
+    model, tok = load_model(str(src))
+    blocks = find_blocks(model)
+    scheme = Scheme(4, 32, True)
+    plan = plan_layers(model, blocks.prefix, scheme)
+    ids = calibration_ids(str(CALIB), tok, nsamples=2, seqlen=32, seed=0)
+    result = quantize_model(model, blocks, plan, ids, TuneConfig(iters=0, nsamples=2, seqlen=32, batch_size=2), torch.device("cpu"), progress=False)
+    out = save_auto_round(model, tok, result, scheme, tmp_path / "q")
+    again = convert(out, "auto_round", tmp_path / "again")[0]
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((again / "config.json").read_text())["quantization_config"]["extra_config"] == \
+        json.loads((out / "config.json").read_text())["quantization_config"]["extra_config"]

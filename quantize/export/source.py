@@ -88,12 +88,20 @@ class ExportSource:
 
 
 def linear_shapes_of(config) -> dict[str, tuple[int, int]]:
-    """Every nn.Linear of the architecture ``config`` describes, built on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
+    """Every nn.Linear of the architecture ``config`` describes, built on the meta device (no memory), by
+    checkpoint name: MoE experts per expert and routers included (quantize.moe), VLMs whole (quantize.vlm)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from quantize.moe import checkpoint_namer, router_shapes, unfuse_experts
+    from quantize.vlm import is_vlm
 
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = (AutoModelForImageTextToText if is_vlm(config) else AutoModelForCausalLM).from_config(config)
     except ValueError as e:
         raise UserError(f"transformers cannot build a {config.model_type} model from this checkpoint's config: {e}") from e
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unfuse_experts(model)
+    rename = checkpoint_namer(model)
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    shapes.update(router_shapes(model))
+    return {rename(n + ".weight")[: -len(".weight")]: s for n, s in shapes.items()}
