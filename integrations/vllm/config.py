@@ -71,7 +71,7 @@ class AutoRoundVllmConfig(QuantizationConfig):
 
             if isinstance(layer, MOE_LAYER):  # MoE experts: per-expert tensors (integrations/vllm/moe.py)
                 scheme = experts_scheme(self.checkpoint, prefix, layer.global_num_experts)
-                return AutoRoundMoEMethod(layer.moe_config, scheme, self.checkpoint.layout, prefix)
+                return AutoRoundMoEMethod(layer.moe_config, scheme, self.checkpoint.layout, prefix, self.kernel)
             return None  # embeddings and the lm_head stay as vLLM builds them
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")
         if scheme is None:

