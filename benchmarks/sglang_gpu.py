@@ -9,6 +9,14 @@ Triton attention, CUDA graphs for decode up to the largest batch) and measures d
 batch sizes (128-token prompts, ``--new-tokens`` new tokens, ignore_eos). Prints a table and writes JSON.
 
   python benchmarks/sglang_gpu.py --work /tmp/sb --tokenizer /tmp/sgdata/w4sym --json $OUT/sglang_bench.json
+  (on the GPU machine: bash e2e/sglang_gpu_run.sh bench --deadline 330; again with the same --json to finish)
+
+Seen on an H200 (2026-12-02; benchmarks/results/sglang_gpu_h200_7b.json): checkpoints written in 33 s, each
+row 75-125 s (process start and SGLang's imports about 30 s, CUDA graph capture, the measurement), so the
+eight rows take two 600 s calls. "W4A16 plugin" computes with SGLang's own Marlin (integrations/sglang/
+marlin.py), the kernel of the built-in path: the two measured the same (335 vs 338 tokens/s at batch 1,
+1.52x bf16). SGLang 0.5.17's built-in path still has a non-Marlin GPTQ fallback (sgl_kernel.gptq_gemm) for
+2/3-bit and asymmetric GPTQ-packed layers; 0.5.20+ removed it (issue 16), which is where W2/W3 need the plugin.
 """
 
 from __future__ import annotations

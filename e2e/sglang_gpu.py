@@ -13,7 +13,12 @@ Three steps, each in its own process:
    family computes with (SGLang's Marlin or quantize.kernels);
 3. ``python -m sglang.launch_server`` for the checkpoints in --server; ``/v1/completions`` at
    temperature 0 must answer the first prompt with the transformers text.
-Prints a table and writes JSON (``--json``).
+Prints a table and writes JSON (``--json``, rewritten after every stage).
+
+Seen on an H200 (2026-12-02, float16, 7 checkpoints): reference 57 s, the engines 345 s (each engine
+spawns its scheduler process, about 30 s of imports; the first also compiles SGLang's small JIT kernels),
+one launch_server 78 s. That is more than one 600 s call: run with ``--server ''`` first, then again with
+``--resume`` (same warm machine) for the servers.
 """
 
 from __future__ import annotations
@@ -213,6 +218,8 @@ def main() -> None:
                    help="PYTHONPATH for the transformers reference (this project without the SGLang kit)")
     p.add_argument("--json", default=None)
     p.add_argument("--engine-timeout", type=float, default=420, help="seconds for one engine process (all its checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep what an earlier call on this machine finished (reference, engines, servers) and do the rest")
     p.add_argument("--step", choices=["reference", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     p.add_argument("--results", default=None, help=argparse.SUPPRESS)
@@ -229,23 +236,34 @@ def main() -> None:
         return
 
     common = ["--ckpts", args.ckpts, "--dtype", args.dtype, "--tokens", str(args.tokens)] + (["--names", args.names] if args.names else [])
-    result = {"dtype": args.dtype, "tokens": args.tokens, "prompts": PROMPTS, "checkpoints": {}}
-    t0 = time.time()
-    ref_env = {**os.environ, "PYTHONPATH": args.ref_path}
-    ref, ref_log = child(["--step", "reference", *common], ref_env, 600)
-    print(f"transformers reference: {time.time() - t0:.0f} s", flush=True)
-    if "error" in ref and not any(isinstance(v, dict) for v in ref.values()):
-        print(ref["error"])
+    # Intermediate results live in /tmp, so that a second call on the same (still warm) machine with
+    # --resume goes on where a call that ran out of time stopped; --json is rewritten after every stage.
+    ref_file, results, log_file = Path("/tmp/sglang_e2e_reference.json"), Path("/tmp/sglang_e2e_engine.json"), Path("/tmp/sglang_e2e_engine.log")
+    server_file = Path("/tmp/sglang_e2e_server.json")
+    if not args.resume:
+        for f in (ref_file, results, log_file, server_file):
+            f.unlink(missing_ok=True)
+    ref = json.loads(ref_file.read_text()) if ref_file.exists() else {}
+    if not all(c.name in ref for c in ckpts):
+        t0 = time.time()
+        ref, _ = child(["--step", "reference", *common], {**os.environ, "PYTHONPATH": args.ref_path}, 600)
+        ref_file.write_text(json.dumps(ref))
+        print(f"transformers reference: {time.time() - t0:.0f} s", flush=True)
+        if "error" in ref and not any(isinstance(v, dict) for v in ref.values()):
+            print(ref["error"])
+    report(args, ckpts, ref, {}, "", {})
     ids_file = Path("/tmp/sglang_e2e_prompt_ids.json")
     ids_file.write_text(json.dumps({k: v["prompt_ids"] for k, v in ref.items() if isinstance(v, dict) and "prompt_ids" in v}))
     t0 = time.time()
-    results = Path("/tmp/sglang_e2e_engine.json")
-    results.unlink(missing_ok=True)
-    eng_log = ""
+    eng = json.loads(results.read_text()) if results.exists() else {}
+    eng_log = log_file.read_text() if log_file.exists() else ""
     for _ in range(len(ckpts)):  # a crash ends one engine process; the next goes on after that checkpoint
+        if all(c.name in eng for c in ckpts):
+            break
         status, log = child(["--step", "engine", *common, "--prompt-ids", str(ids_file), "--results", str(results)],
                             dict(os.environ), args.engine_timeout)
         eng_log += log
+        log_file.write_text(eng_log)
         eng = json.loads(results.read_text()) if results.exists() else {}
         current = eng.pop("_current", None)
         if current is not None:  # died or timed out while serving this one
@@ -253,11 +271,38 @@ def main() -> None:
         elif "error" in status and not any(c.name in eng for c in ckpts):
             eng["_engine"] = {"error": status["error"][-3000:]}
         results.write_text(json.dumps(eng))
-        if all(c.name in eng for c in ckpts) or "_engine" in eng:
+        report(args, ckpts, ref, eng, eng_log, {})
+        if "_engine" in eng:
             break
-    eng = json.loads(results.read_text()) if results.exists() else {}
-    Path("/tmp/sglang_e2e_engine.log").write_text(eng_log)
     print(f"sglang.Engine: {time.time() - t0:.0f} s", flush=True)
+    server = json.loads(server_file.read_text()) if server_file.exists() else {}
+    for name in [n for n in args.server.split(",") if n]:
+        match = [c for c in ckpts if c.name == name]
+        if not match or name in server:
+            continue
+        t0 = time.time()
+        got = serve_http(match[0], args.dtype, args.tokens)
+        expected = ref.get(name, {}).get("text", [None])[0]
+        got["equal_text"] = got.get("text") == expected
+        server[name] = got
+        server_file.write_text(json.dumps(server))
+        report(args, ckpts, ref, eng, eng_log, server)
+        print(f"launch_server {name}: {time.time() - t0:.0f} s, equal: {got['equal_text']}", flush=True)
+    result = report(args, ckpts, ref, eng, eng_log, server)
+    print(f"\n{'checkpoint':14}{'format':34}{'equal text':>11}{'equal ids':>10}  kernels (SGLang)")
+    for name, row in result["checkpoints"].items():
+        f = row["format"]
+        fmt = f"{f['packing_format']} b{f['bits']} g{f['group_size']} {'sym' if f['sym'] else 'asym'}"
+        err = row["sglang"].get("error") or row["transformers"].get("error")
+        ks = "; ".join(sorted(set(k.split(" computes with ")[-1] for k in row["kernels"]))) or "-"
+        print(f"{name:14}{fmt:34}{str(row['equal_text']):>11}{str(row.get('equal_ids', '-')):>10}  {ks}" + (f"  ERROR {err[:200]}" if err else ""))
+    for name, got in result["server"].items():
+        print(f"/v1/completions {name}: equal to transformers: {got.get('equal_text')}" + (f"  ERROR {got['error'][-300:]}" if "error" in got else ""))
+
+
+def report(args, ckpts: list[Path], ref: dict, eng: dict, eng_log: str, server: dict) -> dict:
+    """The result so far, written to --json."""
+    result = {"dtype": args.dtype, "tokens": args.tokens, "prompts": PROMPTS, "checkpoints": {}, "server": server}
     kernels = kernel_lines(eng_log)
     for ckpt in ckpts:
         r = ref.get(ckpt.name, {"error": ref.get("error", "missing")})
@@ -271,30 +316,9 @@ def main() -> None:
         result["checkpoints"][ckpt.name] = row
     if "_engine" in eng:
         result["engine_error"] = eng["_engine"]["error"]
-        print(result["engine_error"][-3000:])
-    result["server"] = {}
-    for name in [n for n in args.server.split(",") if n]:
-        match = [c for c in ckpts if c.name == name]
-        if not match:
-            continue
-        t0 = time.time()
-        got = serve_http(match[0], args.dtype, args.tokens)
-        expected = ref.get(name, {}).get("text", [None])[0]
-        got["equal_text"] = got.get("text") == expected
-        result["server"][name] = got
-        print(f"launch_server {name}: {time.time() - t0:.0f} s, equal: {got['equal_text']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\n{'checkpoint':14}{'format':34}{'equal text':>11}{'equal ids':>10}  kernels (SGLang)")
-    for name, row in result["checkpoints"].items():
-        f = row["format"]
-        fmt = f"{f['packing_format']} b{f['bits']} g{f['group_size']} {'sym' if f['sym'] else 'asym'}"
-        err = row["sglang"].get("error") or row["transformers"].get("error")
-        ks = "; ".join(sorted(set(k.split(" computes with ")[-1] for k in row["kernels"]))) or "-"
-        print(f"{name:14}{fmt:34}{str(row['equal_text']):>11}{str(row.get('equal_ids', '-')):>10}  {ks}" + (f"  ERROR {err[:200]}" if err else ""))
-    for name, got in result["server"].items():
-        print(f"/v1/completions {name}: equal to transformers: {got.get('equal_text')}" + (f"  ERROR {got['error'][-300:]}" if "error" in got else ""))
-
+    return result
 
 if __name__ == "__main__":
     main()
