@@ -16,7 +16,8 @@ row 75-125 s (process start and SGLang's imports about 30 s, CUDA graph capture,
 eight rows take two 600 s calls. "W4A16 plugin" computes with SGLang's own Marlin (integrations/sglang/
 marlin.py), the kernel of the built-in path: the two measured the same (335 vs 338 tokens/s at batch 1,
 1.52x bf16). SGLang 0.5.17's built-in path still has a non-Marlin GPTQ fallback (sgl_kernel.gptq_gemm) for
-2/3-bit and asymmetric GPTQ-packed layers; 0.5.20+ removed it (issue 16), which is where W2/W3 need the plugin.
+2/3-bit and asymmetric GPTQ-packed layers (read from its source; its rows were not reached in the run above);
+0.5.20+ removed it (issue 16), which is where W2/W3 need the plugin.
 """
 
 from __future__ import annotations
