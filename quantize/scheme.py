@@ -18,6 +18,7 @@ calibrated static scale). Every combination is checked here, once; the rest of t
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 
@@ -103,10 +104,16 @@ class Scheme:
 
     @property
     def k_multiple(self) -> int | None:
-        """What a layer's in_features must be a multiple of (None: any; FP8 blocks may be partial)."""
+        """What a layer's in_features must be a multiple of (None: any). FP8 weight blocks may be partial, but
+        FP8_BLOCK's 1x128 activation groups (vLLM's per-token-group quantization) need whole groups."""
         if self.group_size in (-1, 0) or (self.data_type == "fp" and self.group_size == FP8_BLOCK):
-            return None
-        return self.group_size
+            weights = None
+        else:
+            weights = self.group_size
+        acts = self.act_group_size if self.quantizes_activations and (self.act_group_size or 0) > 0 else None
+        if weights and acts:
+            return math.lcm(weights, acts)
+        return weights or acts
 
     @property
     def integer_weight_only(self) -> bool:
