@@ -26,7 +26,7 @@ import torch
 from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError, is_auto_round
 from quantize.kernels import LinearSpec, kernel_state, select_kernel
 from quantize.packing import PACKED_TENSORS
-from quantize.scheme import Scheme
+from quantize.scheme import Scheme, match_name
 
 
 def claimed_method(hf_quant_cfg: dict, user_quant: str | None) -> str | None:
@@ -38,6 +38,9 @@ def claimed_method(hf_quant_cfg: dict, user_quant: str | None) -> str | None:
 
 
 def refuse_quantized_lm_head(config: CheckpointConfig, prefix: str, engine: str) -> None:
+    named = prefix in config.extra_config or any(match_name(p, prefix) for p in config.extra_config)
+    if not named and any(prefix.startswith(b + ".") for b in config.block_name_to_quantize):
+        return  # an MTP layer's shared head sits inside the blocks: written 16-bit (quantize.mtp)
     if config.layer_scheme(prefix) is not None:
         raise ConfigError(
             f"layer {prefix}: a quantized lm_head is not served by this plugin ({engine} pads and shards the "
@@ -65,7 +68,14 @@ def merged_scheme(config: CheckpointConfig, prefix: str, packed_modules_mapping:
             f"checkpoint quantizes them differently ({detail}); re-quantize with one scheme for these layers "
             f"(e.g. a layer_config entry that covers all of them)"
         )
-    return schemes[names[0]]
+    scheme = schemes[names[0]]
+    if scheme is not None and not scheme.integer_weight_only:
+        raise ConfigError(
+            f"layer {prefix}: {scheme.name} (data_type {scheme.data_type}, act_bits {scheme.act_bits}) auto_round checkpoints "
+            f"are not served by quantize-llm's {engine} plugin yet; write the model with --format llm_compressor, which "
+            f"{engine}'s built-in compressed-tensors support serves"
+        )
+    return scheme
 
 
 def check_partition(prefix: str, scheme: Scheme, layout: str, in_per_rank: int, in_full: int, out_parts: list[int]) -> None:

@@ -47,6 +47,27 @@ def _unpack_layer(name: str, scheme, layout: str, tensors: dict, out_features: i
     return QuantizedWeight(q, scales.to(torch.float16), zeros, scheme)
 
 
+def _read_fp_layer(name: str, scheme, tensors: dict, out_features: int, in_features: int) -> QuantizedWeight:
+    """One layer of an FP auto_round checkpoint (Intel's layout: quantize.export.auto_round_fp), in the form
+    tuning produces (quantize.weight_rules)."""
+    from quantize.integrations.transformers.fp_modules import checkpoint_tensors
+
+    got = {}
+    for key, (shape, _dtype) in checkpoint_tensors(scheme, in_features, out_features).items():
+        full = f"{name}.{key}"
+        if full not in tensors:
+            raise ConfigError(f"layer {name}: tensor {full} is missing from the checkpoint")
+        if tuple(tensors[full].shape) != shape:
+            raise ConfigError(f"layer {name}: tensor {full} has shape {list(tensors[full].shape)}, expected {list(shape)} for {scheme.name}")
+        got[key] = tensors.pop(full)
+    q = got.pop("weight_packed", None)
+    q = got.pop("weight") if q is None else q
+    scales = got.pop("weight_scale")
+    if scheme.data_type == "fp":
+        scales = scales.float().reshape(-1, 1)
+    return QuantizedWeight(q, scales, torch.zeros(0, dtype=torch.uint8), scheme, {k: t.float() for k, t in got.items()})
+
+
 def load_auto_round(path: str | Path) -> ExportSource:
     """An auto_round checkpoint as integer codes per layer, ready for any exporter."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -62,7 +83,9 @@ def load_auto_round(path: str | Path) -> ExportSource:
     layers = {}
     for name, (n, k) in shapes.items():
         scheme = ckpt.layer_scheme(name)
-        if scheme is not None:
+        if scheme is not None and not scheme.integer_weight_only:
+            layers[name] = _read_fp_layer(name, scheme, tensors, n, k)
+        elif scheme is not None:
             layers[name] = _unpack_layer(name, scheme, ckpt.layout, tensors, n, k)
     if not layers:
         raise ConfigError(f"no linear layer of {config.model_type} matches block_name_to_quantize={ckpt.block_name_to_quantize}")

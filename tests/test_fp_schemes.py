@@ -207,3 +207,19 @@ def test_resume_round_trips_fp_forms(tmp_path):
     back = weights["a.b"]
     assert back.scheme == s and set(back.extra) == {"weight_global_scale", "input_global_scale"}
     assert torch.equal(back.dequantize(torch.float32), qw.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("name", ["NVFP4", "MXFP8", "FP8_STATIC"])
+def test_convert_auto_round_to_llm_compressor_equals_the_direct_export(name, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from quantize.convert import convert
+
+    _, _, (direct, ar), _ = _quantize(tiny, name, 0, ["llm_compressor", "auto_round"], tmp_path / "both")
+    (converted,) = convert(ar, "llm_compressor", tmp_path / "converted")
+    a, b = load_file(converted / "model.safetensors"), load_file(direct / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) if a[k].element_size() == 1 else torch.equal(a[k], b[k]), k
+    config = json.loads((converted / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((direct / "config.json").read_text())["quantization_config"]
