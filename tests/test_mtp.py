@@ -23,30 +23,46 @@ from conftest import CALIB, TOKENIZER
 from test_moe import COMMON, MOE, portable
 
 
+def add_mtp_layer(path, hidden, vocab, seed=1, **cfg_over):
+    """Append an MTP layer model.layers.{N}.* to the DeepSeek-V3 checkpoint in ``path`` (N = its layer
+    count), laid out as DeepSeek's: a MoE decoder layer plus enorm, hnorm, eh_proj and shared_head.
+    Returns the added tensors."""
+    cls_name, extra = MOE["deepseek_v3"]
+    config = json.loads((path / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    cfg = {**COMMON, **extra, **cfg_over}
+    torch.manual_seed(seed)
+    bigger = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**{**cfg, "num_hidden_layers": n + 1})).to(torch.bfloat16)
+    layer = {k: v.detach().clone() for k, v in bigger.state_dict().items() if k.startswith(f"model.layers.{n}.")}
+    layer = {k: v for k, v in layer.items() if "experts.gate_up_proj" not in k and "experts.down_proj" not in k}
+    e = bigger.model.layers[n].mlp.experts  # per-expert tensors, as checkpoints store them
+    for i in range(e.gate_up_proj.shape[0]):
+        gate, up = e.gate_up_proj[i].detach().chunk(2, dim=0)
+        layer[f"model.layers.{n}.mlp.experts.{i}.gate_proj.weight"] = gate.contiguous()
+        layer[f"model.layers.{n}.mlp.experts.{i}.up_proj.weight"] = up.contiguous()
+        layer[f"model.layers.{n}.mlp.experts.{i}.down_proj.weight"] = e.down_proj[i].detach().contiguous()
+    p = f"model.layers.{n}."
+    layer.update({
+        p + "enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        p + "hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        p + "eh_proj.weight": (torch.randn(hidden, 2 * hidden) * 0.02).to(torch.bfloat16),
+        p + "shared_head.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        p + "shared_head.head.weight": (torch.randn(vocab, hidden) * 0.02).to(torch.bfloat16),
+    })
+    state = load_file(path / "model.safetensors")
+    save_file({**state, **layer}, path / "model.safetensors", metadata={"format": "pt"})
+    return layer
+
+
 def build_with_mtp(path):
-    """A tiny DeepSeek-V3 (2 layers) whose checkpoint also holds an MTP layer model.layers.2.*, laid out as
-    DeepSeek's: a MoE decoder layer plus enorm, hnorm, eh_proj and shared_head."""
+    """A tiny DeepSeek-V3 (2 layers) whose checkpoint also holds an MTP layer model.layers.2.*."""
     cls_name, extra = MOE["deepseek_v3"]
     cfg = dict(COMMON, **extra, num_nextn_predict_layers=1)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**cfg)).to(torch.bfloat16)
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(path)
-    torch.manual_seed(1)
-    bigger = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**{**cfg, "num_hidden_layers": 3})).to(torch.bfloat16)
-    bigger.save_pretrained(path / "bigger")
-    state = load_file(path / "model.safetensors")
-    layer2 = {k: v for k, v in load_file(path / "bigger" / "model.safetensors").items() if k.startswith("model.layers.2.")}
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
-    layer2.update({
-        "model.layers.2.enorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "model.layers.2.hnorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "model.layers.2.eh_proj.weight": (torch.randn(h, 2 * h) * 0.02).to(torch.bfloat16),
-        "model.layers.2.shared_head.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-        "model.layers.2.shared_head.head.weight": (torch.randn(v, h) * 0.02).to(torch.bfloat16),
-    })
-    save_file({**state, **layer2}, path / "model.safetensors", metadata={"format": "pt"})
-    return path, layer2
+    return path, add_mtp_layer(path, cfg["hidden_size"], cfg["vocab_size"])
 
 
 def test_mtp_layer_written(tmp_path):
