@@ -67,7 +67,7 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
     for i, block in enumerate(blocks.modules):
         block = block.float().requires_grad_(False)
         weights = {n: m.weight for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-        schemes = {n: (4, 32, True) for n in weights}
+        schemes = {n: (Scheme(4, 32, True), {}) for n in weights}  # (scheme, its rule's fixed context)
         y = _run_block(block, x, kwargs, 4, False) + 0.01 * torch.randn(x.shape, generator=gen)
 
         def params():
