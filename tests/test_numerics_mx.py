@@ -105,7 +105,7 @@ def test_compressed_tensors_compresses_and_decompresses_to_ours(name, monkeypatc
     from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
 
     # the same function without its torch.compile wrapper (compiling costs minutes on this CPU)
-    monkeypatch.setattr(FP4_E2M1_DATA, "cast_to_fp4", staticmethod(FP4_E2M1_DATA.cast_to_fp4.__wrapped__))
+    monkeypatch.setattr(FP4_E2M1_DATA, "cast_to_fp4", staticmethod(getattr(FP4_E2M1_DATA.cast_to_fp4, "__wrapped__", FP4_E2M1_DATA.cast_to_fp4)))
     fmt, _, _ = FORMATS[name]
     compressor = MXFP4PackedCompressor if fmt == mx.MXFP4 else MXFP8QuantizationCompressor
     scheme = preset_name_to_scheme(name.upper(), ["Linear"])

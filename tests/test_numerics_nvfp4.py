@@ -124,7 +124,7 @@ def test_compressed_tensors_compresses_and_decompresses_to_ours(monkeypatch):
     from compressed_tensors.quantization import preset_name_to_scheme
     from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
 
-    monkeypatch.setattr(FP4_E2M1_DATA, "cast_to_fp4", staticmethod(FP4_E2M1_DATA.cast_to_fp4.__wrapped__))
+    monkeypatch.setattr(FP4_E2M1_DATA, "cast_to_fp4", staticmethod(getattr(FP4_E2M1_DATA.cast_to_fp4, "__wrapped__", FP4_E2M1_DATA.cast_to_fp4)))
     scheme = preset_name_to_scheme("NVFP4", ["Linear"])
     w = weights(3).to(torch.bfloat16).float()
     gs = nv.weight_global_scale(w)

@@ -102,9 +102,10 @@ class AutoRoundQuantizer(HfQuantizer):
                 module.prepare()
         return model
 
-    def update_weight_conversions(self, weight_conversions):
+    def update_weight_conversions(self, weight_conversions, *args, **kwargs):
         # The skeleton's experts are per-expert modules: transformers must not fuse their tensors.
-        return drop_expert_converters(super().update_weight_conversions(weight_conversions))
+        # (transformers 5.24 added the model as an argument; 5.19 has none.)
+        return drop_expert_converters(super().update_weight_conversions(weight_conversions, *args, **kwargs))
 
     @property
     def is_trainable(self) -> bool:
