@@ -24,17 +24,30 @@ from quantize.kernels import KERNELS, LinearSpec
 from quantize.numerics import quantize_weight
 from quantize.packing import pack
 from quantize.scheme import Scheme
-from sglang_env import import_sglang
+from sglang_env import SGLANG_PIN, import_sglang
 
-why = import_sglang()
-if why:
-    pytest.skip(why, allow_module_level=True)
+if importlib.util.find_spec("sglang") is None:
+    pytest.skip(f"SGLang is not installed (pip install --no-deps {SGLANG_PIN})", allow_module_level=True)
 
-from sglang.srt.layers import linear as sglang_linear  # noqa: E402
-from sglang.srt.layers import quantization as sglang_quantization  # noqa: E402
+# Imported by the fixture below, not at collection: importing SGLang changes transformers' state (its
+# config registrations), which must not reach tests collected beside this module.
+sglang_linear = sglang_quantization = AutoRoundSglangConfig = register = None
 
-from quantize.integrations.sglang import register  # noqa: E402
-from quantize.integrations.sglang.config import AutoRoundSglangConfig  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    global sglang_linear, sglang_quantization, AutoRoundSglangConfig, register
+    why = import_sglang()
+    if why:
+        pytest.skip(why)
+    from sglang.srt.layers import linear as sglang_linear
+    from sglang.srt.layers import quantization as sglang_quantization
+
+    from quantize.integrations.sglang import register
+    from quantize.integrations.sglang.config import AutoRoundSglangConfig
+
+    register()
+
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 256, 4, 2, 64, 512
 FORMATS = {"gptq": "auto_round:auto_gptq", "awq": "auto_round:auto_awq", "auto_round": "auto_round"}
@@ -86,11 +99,6 @@ SCHEMES = [
     (Scheme(2, 32, True), "gptq"),
     (Scheme(8, -1, True), "gptq"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    register()
 
 
 @pytest.mark.parametrize("scheme, layout", SCHEMES, ids=lambda v: getattr(v, "name", v))
@@ -179,7 +187,7 @@ def test_registration_replaces_sglangs_auto_round_entries():
 LOAD_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[2])
-from sglang_env import import_sglang
+from sglang_env import SGLANG_PIN, import_sglang
 assert import_sglang(keep_stand_in=True) is None
 import torch
 from sglang.srt.plugins import load_plugins
@@ -208,7 +216,7 @@ print("REPORT" + json.dumps(report))
 
 def _sglang_layers(ckpt: Path) -> dict:
     env = {**os.environ, "QUANTIZE_LLM_NO_AUTOLOAD": "1"}
-    run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(ckpt), str(REPO / "tests")], capture_output=True,
+    run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(ckpt), str(REPO / "e2e")], capture_output=True,
                          text=True, cwd=ckpt, env=env, timeout=600)
     line = next((ln for ln in run.stdout.splitlines() if ln.startswith("REPORT")), None)
     assert run.returncode == 0 and line, run.stderr[-4000:]
