@@ -37,6 +37,35 @@ def claimed_method(hf_quant_cfg: dict, user_quant: str | None) -> str | None:
     return None
 
 
+class CheckpointConfigMethods:
+    """The parts of both engines' ``QuantizationConfig`` that only describe the checkpoint; mixed in ahead
+    of each engine's base class. Needs ``self.checkpoint`` (a :class:`CheckpointConfig`)."""
+
+    def __repr__(self) -> str:
+        c = self.checkpoint
+        return f"{type(self).__name__}(bits={c.bits}, group_size={c.group_size}, sym={c.sym}, packing_format={c.packing_format})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # what Triton needs; the portable torch path runs anywhere
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return ["quantization_config.json"]
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict, user_quant: str | None, *args) -> str | None:
+        return claimed_method(hf_quant_cfg, user_quant)
+
+
 def refuse_quantized_lm_head(config: CheckpointConfig, prefix: str, engine: str) -> None:
     named = prefix in config.extra_config or any(match_name(p, prefix) for p in config.extra_config)
     if not named and any(prefix.startswith(b + ".") for b in config.block_name_to_quantize):

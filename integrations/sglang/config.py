@@ -11,13 +11,13 @@ from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
 
-from quantize.checkpoint import QUANT_METHOD, CheckpointConfig
+from quantize.checkpoint import CheckpointConfig
 from quantize.export.fused import FUSED
-from quantize.integrations.packed_linear import claimed_method, merged_scheme, refuse_quantized_lm_head
+from quantize.integrations.packed_linear import CheckpointConfigMethods, merged_scheme, refuse_quantized_lm_head
 from quantize.integrations.sglang.linear import AutoRoundLinearMethod
 
 
-class AutoRoundSglangConfig(QuantizationConfig):
+class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
     """Serves every integer weight-only auto_round checkpoint (gptq / awq / native packing, bits 2/3/4/8,
     sym and asym, per-layer schemes) through quantize.kernels."""
 
@@ -31,36 +31,12 @@ class AutoRoundSglangConfig(QuantizationConfig):
         self.packing_format = checkpoint.packing_format
         self.backend = kernel or "auto"
 
-    def __repr__(self) -> str:
-        c = self.checkpoint
-        return f"AutoRoundSglangConfig(bits={c.bits}, group_size={c.group_size}, sym={c.sym}, packing_format={c.packing_format})"
-
-    @classmethod
-    def get_name(cls) -> str:
-        return QUANT_METHOD
-
-    @classmethod
-    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        return [torch.float16, torch.bfloat16, torch.float32]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 70  # what Triton needs; the portable torch path runs anywhere
-
-    @staticmethod
-    def get_config_filenames() -> list[str]:
-        return ["quantization_config.json"]
-
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AutoRoundSglangConfig":
         # SGLang's loader adds the model class's packed_modules_mapping (which layers it fuses) to the dict.
         config = dict(config)
         mapping = config.pop("packed_modules_mapping", None)
         return cls(CheckpointConfig.from_dict(config), kernel=config.get("kernel"), packed_modules_mapping=mapping)
-
-    @classmethod
-    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, *args) -> str | None:
-        return claimed_method(hf_quant_cfg, user_quant)
 
     def get_scaled_act_names(self) -> list[str]:
         return []

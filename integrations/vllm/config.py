@@ -13,11 +13,11 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from quantize.checkpoint import QUANT_METHOD, CheckpointConfig
-from quantize.integrations.packed_linear import claimed_method, merged_scheme, refuse_quantized_lm_head
+from quantize.integrations.packed_linear import CheckpointConfigMethods, merged_scheme, refuse_quantized_lm_head
 from quantize.integrations.vllm.linear import AutoRoundLinearMethod
 
 @register_quantization_config(QUANT_METHOD)
-class AutoRoundVllmConfig(QuantizationConfig):
+class AutoRoundVllmConfig(CheckpointConfigMethods, QuantizationConfig):
     """Serves every integer weight-only auto_round checkpoint (gptq / awq / native packing, bits 2/3/4/8,
     sym and asym, per-layer schemes) through quantize.kernels."""
 
@@ -26,33 +26,9 @@ class AutoRoundVllmConfig(QuantizationConfig):
         self.checkpoint = checkpoint
         self.kernel = kernel
 
-    def __repr__(self) -> str:
-        c = self.checkpoint
-        return f"AutoRoundVllmConfig(bits={c.bits}, group_size={c.group_size}, sym={c.sym}, packing_format={c.packing_format})"
-
-    @classmethod
-    def get_name(cls) -> str:
-        return QUANT_METHOD
-
-    @classmethod
-    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        return [torch.float16, torch.bfloat16, torch.float32]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 70  # what Triton needs; the portable torch path runs anywhere
-
-    @staticmethod
-    def get_config_filenames() -> list[str]:
-        return ["quantization_config.json"]
-
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "AutoRoundVllmConfig":
         return cls(CheckpointConfig.from_dict(config), kernel=config.get("kernel"))
-
-    @classmethod
-    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None, hf_config: Any = None) -> str | None:
-        return claimed_method(hf_quant_cfg, user_quant)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         # Models whose vLLM module names differ from the checkpoint's rename our layer names too.
