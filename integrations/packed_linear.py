@@ -62,7 +62,7 @@ class CheckpointConfigMethods:
         return ["quantization_config.json"]
 
     @classmethod
-    def override_quantization_method(cls, hf_quant_cfg: dict, user_quant: str | None, *args) -> str | None:
+    def override_quantization_method(cls, hf_quant_cfg: dict, user_quant: str | None, *args, **kwargs) -> str | None:
         return claimed_method(hf_quant_cfg, user_quant)
 
 
