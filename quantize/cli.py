@@ -132,6 +132,11 @@ def quantize_parser() -> argparse.ArgumentParser:
     o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
     o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output folder, and start over instead of resuming an interrupted run")
+    o.add_argument("--stream", "--low_cpu_mem_usage", "--low-cpu-mem-usage", dest="stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="models larger than host memory: read each block's weights from the safetensors shards only while it is "
+                   "tuned and write the checkpoint shard by shard, so host memory holds about one block, one 2 GB shard and the "
+                   "embeddings (the calibration activations stay on the GPU). Default: on when the weights exceed half the "
+                   "available memory. Writes auto_round (convert it afterwards); no --eval, no --schemes")
     o.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None, help="perplexity before and after (default on for the built-in model)")
     o.add_argument("--eval-file", default=None, help="text for that perplexity (default: bundled)")
     o.add_argument("--eval-windows", type=int, default=None, help="windows of --seqlen tokens for that perplexity")
@@ -222,7 +227,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
     from quantize.export.auto_round import tuning_notes
-    from quantize.export.registry import check_formats, export, parse_formats
+    from quantize.export.registry import check_formats, check_streams, export, parse_formats
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
     from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
@@ -230,6 +235,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.quantizer import quantize_model
     from quantize.resume import resume_dir
     from quantize.scheme import get_scheme
+    from quantize.streaming import load_streamed, should_stream
 
     builtin = args.model is None
     defaults = BUILTIN if builtin else {}
@@ -283,9 +289,24 @@ def run_quantize(args: argparse.Namespace) -> int:
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
     print(f"device     {device}: {describe_compute(device, uses_amp(cfg.amp, device))}")
+    stream, why_stream = (args.stream, "--stream") if args.stream is not None else should_stream(model_spec)
+    streamer = None
+    if stream:
+        if auto:
+            raise UserError("AutoScheme (--schemes) scores the whole model in memory and cannot stream: drop --stream, or "
+                            "run AutoScheme on a machine with room for the model and pass its plan with --layer_config")
+        check_streams(formats)
+        if evaluate:
+            print("note: no perplexity before and after a streamed run (the model is never whole in memory); "
+                  "run `python -m quantize eval CKPT` afterwards", file=sys.stderr)
+            evaluate = False
+        print(f"memory     streamed: one block in host memory at a time ({why_stream})")
     start = time.time()
-    model, tokenizer = load_model(model_spec)
-    check_finite(model)
+    if stream:
+        model, tokenizer, streamer = load_streamed(model_spec)
+    else:
+        model, tokenizer = load_model(model_spec)
+        check_finite(model)
     blocks = find_blocks(model)
     layer_config, ignore = _layer_config(args.layer_config), [p for p in args.ignore.split(",") if p]
     auto_plan = None
@@ -315,11 +336,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.moe import reset_routed, unrouted_experts
 
     reset_routed(model)  # MoE: count which experts calibration reaches (the summary says)
-    result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite)
+    result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite, streamer)
     result.unrouted = unrouted_experts(model)
     if not team.leader:
         return 0  # the leader writes the checkpoint
-    source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result))
+    source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result), streamer)
     try:
         folders = export(source, formats, output_dir, args.overwrite)
     except UserError as e:
@@ -359,11 +380,7 @@ def _autoscheme_args(args: argparse.Namespace):
 
 
 def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl_after) -> None:
-    seen, before = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            before += p.numel() * 2  # 16-bit original
+    before = sum(p.numel() * 2 for p in model.parameters())  # 16-bit original; tied weights are one parameter
     reasons: dict[str, list[str]] = {}
     for layer, why in result.plan.keep.items():
         reasons.setdefault(why, []).append(layer)

@@ -20,6 +20,7 @@ from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtyp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
 from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
+from quantize.streaming import Streamer
 
 
 @dataclass
@@ -97,12 +98,17 @@ def quantize_model(
     progress: bool = True,
     resume_folder: Path | None = None,
     overwrite: bool = False,
+    streamer: Streamer | None = None,
 ) -> QuantizationResult:
     """Quantize ``plan.quantize`` in place: on return those layers hold their dequantized weights (the
     model computes exactly what a loaded checkpoint will) and the result holds their integer form.
 
     ``resume_folder``: keep resume state there (quantize.resume) and continue a run it holds;
-    ``overwrite`` discards that state instead."""
+    ``overwrite`` discards that state instead. ``streamer`` (quantize.streaming): the blocks' weights are read
+    just before each block is tuned and freed after; the tuned layers are left in the resume folder, which
+    it needs, and ``result.weights`` reads them from there."""
+    if streamer is not None and resume_folder is None:
+        raise ValueError("a streamed run keeps its tuned layers in the resume folder: pass resume_folder")
     start = time.time()
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
@@ -115,7 +121,8 @@ def quantize_model(
         # The leader keeps the resume state; the others read it when resuming.
         if team.leader:
             settings = run_settings(plan, cfg, device, model_dtype, len(blocks.modules))
-            state, resumed = open_resume(resume_folder, settings, fingerprint(model, calib_ids), overwrite)
+            inputs = streamer.fingerprint(calib_ids) if streamer else fingerprint(model, calib_ids)
+            state, resumed = open_resume(resume_folder, settings, inputs, overwrite)
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, len(blocks.modules))
@@ -127,7 +134,7 @@ def quantize_model(
     result = QuantizationResult({}, plan, blocks, cfg, 0.0)
     first = 0
     if resumed:
-        carry, done, losses = state.load(device)
+        carry, done, losses = state.load(device, weights=streamer is None)
         if carry is not None:
             first = carry.next_block
             q_inputs, fp_inputs = carry.q_inputs, carry.fp_inputs
@@ -149,6 +156,8 @@ def quantize_model(
             t0 = time.time()
             prefix = blocks.name(i) + "."
             layers = {n[len(prefix) :]: s for n, s in plan.quantize.items() if n.startswith(prefix)}
+            if streamer:
+                streamer.load(i)
             block.to(device, dtype).requires_grad_(False)  # as tuning leaves it: one compiled forward serves both passes
             # Two sets of activations live on the device, not three: the full-precision inputs become the
             # targets in place, unless the tuning inputs are the same tensor.
@@ -160,7 +169,8 @@ def quantize_model(
                 tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
                 # Integer forms wait on the host: on the device they would add up to half the model's size.
                 host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
-                result.weights.update(host)
+                if streamer is None:
+                    result.weights.update(host)
                 result.block_losses.append((tuned.loss_before, tuned.loss_after))
                 if team.leader:
                     bar.write(
@@ -172,16 +182,23 @@ def quantize_model(
             else:
                 q_inputs = targets
             fp_inputs = targets
-            block.to("cpu", model_dtype)
-            if layers and dtype != model_dtype:
+            if streamer:
+                streamer.release(i)
+            else:
+                block.to("cpu", model_dtype)
+            if layers and dtype != model_dtype and streamer is None:
                 for name, qw in host.items():
                     # The exact weights a loaded checkpoint gives back, in the model's dtype (the block holds
                     # them in the compute dtype).
                     model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
             if state is not None and team.leader:
-                state.save_block(i, host if layers else {}, result.block_losses[-1] if layers else None, q_inputs, fp_inputs, generator)
+                last = i + 1 == len(blocks.modules)
+                state.save_block(i, host if layers else {}, result.block_losses[-1] if layers else None, q_inputs, fp_inputs,
+                                 generator, force_carry=last or stop_asked())
             if stop_asked() and i + 1 < len(blocks.modules):
                 raise Stopped(f"stopped after block {i + 1}/{len(blocks.modules)}; run the same command again to resume "
                               f"from block {i + 2} (state in {state.folder})")
+    if streamer and team.leader:
+        result.weights, _ = state.stored(len(blocks.modules))
     result.seconds = time.time() - start
     return result

@@ -10,6 +10,7 @@ from quantize.export.hf_folder import write_hf_folder, write_json
 from quantize.export.registry import ExportError, FormatSpec, export, exporter
 from quantize.export.source import ExportSource
 from quantize.packing import layout_fits, pack
+from quantize.streaming import once
 from quantize.quantizer import QuantizationResult
 from quantize.scheme import Scheme
 
@@ -51,17 +52,18 @@ def checkpoint_config(source: ExportSource) -> CheckpointConfig:
 
 
 def packed_tensors(source: ExportSource, layout: str) -> dict:
-    """The unquantized tensors plus ``qweight``/``qzeros``/``scales`` of every quantized layer."""
+    """The unquantized tensors plus ``qweight``/``qzeros``/``scales`` of every quantized layer, the latter
+    as functions that pack on first call."""
     state = dict(source.tensors)
     for name, w in source.layers.items():
         n, k = source.linear_shapes[name]
         why = layout_fits(layout, w.scheme.bits, k, n)
         if why:
             raise ExportError(f"layer {name} cannot be stored in the {layout} layout: {why}")
-        packed = pack(layout, w.q, w.scales, w.zeros, w.scheme.bits)
-        state[f"{name}.qweight"] = packed.qweight
-        state[f"{name}.qzeros"] = packed.qzeros
-        state[f"{name}.scales"] = packed.scales
+        # Packed when its shard is written (hf_folder.write_weights): a streamed run never holds them all.
+        packed = once(lambda w=w: pack(layout, w.q, w.scales, w.zeros, w.scheme.bits))
+        for part in ("qweight", "qzeros", "scales"):
+            state[f"{name}.{part}"] = lambda packed=packed, part=part: getattr(packed(), part)
     return state
 
 
@@ -72,7 +74,7 @@ def holds(scheme: Scheme) -> str | None:
     return None if scheme.integer_weight_only else auto_round_fp.refusal(scheme)
 
 
-@exporter("auto_round", summary="AutoRound's own format (packing chosen as AutoRound does)", holds=holds)
+@exporter("auto_round", summary="AutoRound's own format (packing chosen as AutoRound does)", holds=holds, streams=True)
 def write_auto_round(source: ExportSource, folder: Path, option: str | None = None) -> None:
     if not all(w.scheme.integer_weight_only for w in source.layers.values()):
         from quantize.export import auto_round_fp
@@ -87,7 +89,8 @@ def write_auto_round(source: ExportSource, folder: Path, option: str | None = No
 def packed_state_dict(model, result: QuantizationResult, layout: str) -> dict:
     """The tensors a tuning run's auto_round checkpoint holds in ``layout``."""
     scheme = next(iter(result.weights.values())).scheme  # only the tensors are asked for, not the config
-    return packed_tensors(ExportSource.from_run(model, None, result, scheme), layout)
+    state = packed_tensors(ExportSource.from_run(model, None, result, scheme), layout)
+    return {k: v() if callable(v) else v for k, v in state.items()}
 
 
 def save_auto_round(

@@ -29,6 +29,7 @@ import torch
 from quantize.export.hf_folder import write_hf_folder, write_json
 from quantize.scheme import Scheme
 from quantize.weight_rules import rule_name
+from quantize.streaming import once
 
 MX_NV_PACKING = "auto_round:llm_compressor"
 FP8_STATIC_PACKING = "auto_round:fp8_static"
@@ -86,9 +87,15 @@ def quantization_config(source, notes: dict) -> dict:
     return cfg
 
 
+def layer_parts(w) -> list[str]:
+    """The names of :func:`layer_tensors`, known without reading the layer's codes."""
+    data_key = "weight_packed" if w.scheme.bits == 4 else "weight"
+    return [data_key, "weight_scale"] + [k for k in ("weight_global_scale", "input_global_scale", "input_scale") if k in w.extra]
+
+
 def layer_tensors(w) -> dict[str, torch.Tensor]:
     rule = rule_name(w.scheme)
-    data_key = "weight_packed" if w.scheme.bits == 4 else "weight"
+    data_key = layer_parts(w)[0]
     out = {data_key: w.q, "weight_scale": w.scales}
     if rule == "fp8":
         out["weight_scale"] = w.scales.float().reshape(-1)  # [N], Intel's shape
@@ -101,7 +108,10 @@ def layer_tensors(w) -> dict[str, torch.Tensor]:
 def write(source, folder: Path) -> None:
     state = dict(source.tensors)
     for name, w in source.layers.items():
-        state.update({f"{name}.{k}": t for k, t in layer_tensors(w).items()})
+        # Computed when its shard is written (hf_folder.write_weights): a streamed run never holds them all.
+        tensors = once(lambda w=w: layer_tensors(w))
+        for k in layer_parts(w):
+            state[f"{name}.{k}"] = lambda tensors=tensors, k=k: tensors()[k]
     qcfg = quantization_config(source, dict(source.metadata))
     write_hf_folder(source, folder, state, qcfg)
     write_json(folder / "quantization_config.json", qcfg)

@@ -8,19 +8,43 @@ import json
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-# Shards as transformers writes them: one model.safetensors when it fits, else numbered files + an index.
-MAX_SHARD = "5GB"
+# At most this many bytes per shard: also the most a checkpoint write holds in memory at once when its
+# tensors are deferred (quantize.streaming), so it stays well under the host memory of a streamed run.
+MAX_SHARD = 2 * 10**9
 
 
-def write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size: str = MAX_SHARD) -> None:
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n].detach().cpu().contiguous() for n in names}, folder / filename, metadata={"format": "pt"})
-    if split.is_sharded:
-        write_json(folder / "model.safetensors.index.json", {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+def write_weights(folder: Path, tensors: dict, max_shard_size: int = MAX_SHARD) -> None:
+    """Write ``tensors`` (name -> tensor, or a zero-argument function giving one: computed only when its
+    shard is written) as transformers does: one model.safetensors when it fits, else numbered shards and an
+    index. Shards fill in order and are written as they fill, so at most one shard is in memory."""
+    shards: list[Path] = []  # written so far, under temporary names until their count is known
+    weight_map: dict[str, int] = {}
+    pending, size, total = {}, 0, 0
+
+    def flush(path: Path):
+        save_file(pending, path, metadata={"format": "pt"})
+        shards.append(path)
+        pending.clear()
+
+    for name, value in tensors.items():
+        t = (value() if callable(value) else value).detach().cpu().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if pending and size + nbytes > max_shard_size:
+            flush(folder / f"model-{len(shards) + 1:05d}.safetensors.part")
+            size = 0
+        pending[name], size, total = t, size + nbytes, total + nbytes
+        weight_map[name] = len(shards) + 1
+    if not shards:
+        return flush(folder / "model.safetensors")
+    flush(folder / f"model-{len(shards) + 1:05d}.safetensors.part")
+    n = len(shards)
+    names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for path, filename in zip(shards, names):
+        path.rename(folder / filename)
+    write_json(folder / "model.safetensors.index.json",
+               {"metadata": {"total_size": total}, "weight_map": {k: names[i - 1] for k, i in weight_map.items()}})
 
 
 def write_hf_folder(source, folder: Path, tensors: dict[str, torch.Tensor], quantization_config: dict | None) -> None:

@@ -27,15 +27,16 @@ class Exporter:
     requires: tuple[str, str] | None = None  # (module, pip requirement) of an optional package it writes with
     # ``holds(scheme) -> None | why not``; None: integer weight-only schemes only (the formats before issue 14)
     holds: Callable | None = None
+    streams: bool = False  # writes from deferred tensors (a streamed run: quantize.streaming)
 
 
 EXPORTERS: dict[str, Exporter] = {}
 
 
 def exporter(name: str, options: tuple[str, ...] = (), summary: str = "", requires: tuple[str, str] | None = None,
-             holds: Callable | None = None):
+             holds: Callable | None = None, streams: bool = False):
     def register(write: Callable) -> Callable:
-        EXPORTERS[name] = Exporter(write, options, summary, requires, holds)
+        EXPORTERS[name] = Exporter(write, options, summary, requires, holds, streams)
         return write
 
     return register
@@ -95,6 +96,14 @@ def refusal(spec: FormatSpec, scheme) -> str | None:
         return None
     return (f"format {spec.label} holds integer weight-only schemes (W2A16-W8A16), not {scheme.name}: "
             "use llm_compressor (or auto_round for MXFP4, MXFP8, NVFP4 and FP8_STATIC)")
+
+
+def check_streams(formats: list[FormatSpec]) -> None:
+    """Refuse formats that need the whole model in memory, for a streamed run."""
+    held = [f.label for f in formats if not EXPORTERS[f.name].streams]
+    if held:
+        raise UserError(f"a streamed run (--stream) writes the auto_round format, not {', '.join(held)}: quantize to "
+                        f"auto_round, then `python -m quantize convert CKPT --to {held[0]}`")
 
 
 def check_formats(formats: list[FormatSpec], schemes) -> None:

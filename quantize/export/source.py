@@ -21,7 +21,7 @@ from quantize.signround import QuantizedWeight
 @dataclass
 class ExportSource:
     config: object  # the model's transformers config, without a quantization_config
-    tensors: dict[str, torch.Tensor]  # every stored tensor except the quantized layers' weights
+    tensors: dict  # every stored tensor except the quantized layers' weights (or a function giving it: streamed runs)
     layers: dict[str, QuantizedWeight]  # quantized linear layers: codes, float16 scales, zero points
     linear_shapes: dict[str, tuple[int, int]]  # every nn.Linear: name -> (out_features, in_features)
     block_prefixes: list[str]  # e.g. ["model.layers"]: where the quantized blocks live
@@ -45,10 +45,16 @@ class ExportSource:
         return self.layers[name].dequantize(self.dtype)
 
     @classmethod
-    def from_run(cls, model: nn.Module, tokenizer, result, scheme: Scheme, metadata: dict | None = None) -> "ExportSource":
-        """From a model that :func:`quantize.quantizer.quantize_model` has just quantized."""
+    def from_run(cls, model: nn.Module, tokenizer, result, scheme: Scheme, metadata: dict | None = None,
+                 streamer=None) -> "ExportSource":
+        """From a model that :func:`quantize.quantizer.quantize_model` has just quantized. A streamed run's
+        blocks are on the meta device: their other tensors are read from the source shards as they are written."""
         tensors, seen = {}, set()
         for key, t in model.state_dict().items():
+            if t.is_meta:
+                if key[: -len(".weight")] not in result.weights:
+                    tensors[key] = streamer.deferred(key)
+                continue
             # Tied weights (lm_head sharing the embeddings) are one tensor: stored once, as save_pretrained does.
             ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
             if ptr in seen:
