@@ -397,6 +397,10 @@ def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl
     print(f"  size        {before / 2**20:.1f} MiB (16-bit) -> " + ", ".join(f"{s / 2**20:.1f} MiB" for s in sizes))
     if ppl_before is not None and ppl_after is not None:
         print(f"  perplexity  {ppl_before:.3f} -> {ppl_after:.3f} ({(ppl_after / ppl_before - 1) * 100:+.2f}%)")
+    from quantize.streaming import peak_host_memory
+
+    gpu = f", peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if torch.cuda.is_initialized() else ""
+    print(f"  memory      peak host {peak_host_memory() / 2**30:.2f} GiB{gpu}")
     print(f"  time        {seconds:.1f} s")
     for folder in folders:
         print(f"  checkpoint  {folder}")

@@ -1,0 +1,178 @@
+"""A model larger than comfortable: quantize a 14B-shaped Llama with ``--stream`` and report its memory.
+
+Writes a Llama of the given shape with random bf16 weights (seed 0, std 0.02, norms at 1) to disk in 5 GB
+shards with the repository's test tokenizer, one tensor at a time (generated on the GPU when there is one),
+then runs ``python -m quantize MODEL --scheme W4A16 --stream`` (default preset) in a subprocess and reads
+its log: seconds per block, peak host memory (ru_maxrss) against the model's size, peak GPU memory. With
+``--deadline S`` it presses Ctrl-C S seconds after it started (the run stops at a block boundary and keeps its
+state); the next call resumes it. Once the checkpoint exists it is loaded with transformers on the GPU
+(``import quantize``), a forward pass checked finite and a few tokens generated.
+
+  python benchmarks/large_model.py --dir /tmp/large --deadline 540 --json out.json     # 14B shape
+  python benchmarks/large_model.py --dir /tmp/tiny --layers 2 --hidden 256 --intermediate 512 --heads 4 \\
+      --kv-heads 2 --vocab 8192 --device cpu --extra "--iters 2 --nsamples 4 --seqlen 64"  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "assets" / "tokenizer"
+
+
+def write_model(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                device: str, shard_bytes: int = 5 * 10**9) -> int:
+    """A random bf16 Llama in safetensors shards, written tensor by tensor; returns its bytes."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    head_dim = hidden // heads
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        })
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen = torch.Generator(device).manual_seed(0)
+    shards, pending, size, total = [], {}, 0, 0
+    weight_map = {}
+
+    def flush():
+        shards.append(f"part-{len(shards) + 1}")
+        save_file(pending, tmp / shards[-1], metadata={"format": "pt"})
+        pending.clear()
+
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
+        nbytes = t.numel() * 2
+        if pending and size + nbytes > shard_bytes:
+            flush()
+            size = 0
+        pending[name], size, total = t, size + nbytes, total + nbytes
+        weight_map[name] = len(shards)
+    flush()
+    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for part, name in zip(shards, names):
+        (tmp / part).rename(tmp / name)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}))
+    config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp)
+    tmp.rename(folder)
+    return total
+
+
+def quantize(model: Path, ckpt: Path, log: Path, deadline: float | None, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "quantize", str(model), "--scheme", "W4A16", "--stream", "--quiet", "--no-eval",
+           "--dataset", "bundled", "--output_dir", str(ckpt), *extra]
+    start = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)  # stops once the block in progress is saved
+            proc.wait()
+    return {"returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+
+
+def read_log(log: Path) -> dict:
+    text = log.read_text()
+    blocks = {int(m[1]): float(m[3]) for m in re.finditer(r"block (\d+)/(\d+): .*?\(([\d.]+) s\)", text)}
+    out = {"block_seconds": [blocks[k] for k in sorted(blocks)], "resumed": re.findall(r"resuming from block \d+/\d+", text)}
+    if m := re.search(r"peak host ([\d.]+) GiB(?:, peak GPU ([\d.]+) GiB)?", text):
+        out["peak_host_gib"] = float(m[1])
+        out["peak_gpu_gib"] = float(m[2]) if m[2] else None
+    return out
+
+
+def check_load(ckpt: Path, device: str) -> dict:
+    """Load the checkpoint with transformers, one forward pass and a short greedy generation."""
+    code = f"""
+import json, time, torch, quantize
+from transformers import AutoModelForCausalLM
+t = time.time()
+m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, device_map={device!r}, dtype=torch.bfloat16)
+load = time.time() - t
+ids = torch.arange(1, 33, device={device!r}).view(1, -1)
+with torch.no_grad():
+    logits = m(ids).logits
+out = m.generate(ids, max_new_tokens=8, do_sample=False)
+kinds = sorted({{type(x).__name__ for x in m.modules() if 'Linear' in type(x).__name__}})
+print(json.dumps({{"load_s": round(load, 1), "logits_finite": bool(torch.isfinite(logits).all()),
+                  "new_tokens": out[0, 32:].tolist(), "linear_classes": kinds}}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if run.returncode:
+        return {"error": run.stderr[-3000:]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, required=True, help="model, checkpoint and log go here")
+    p.add_argument("--layers", type=int, default=48)
+    p.add_argument("--hidden", type=int, default=5120)
+    p.add_argument("--intermediate", type=int, default=13824)
+    p.add_argument("--heads", type=int, default=40)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--deadline", type=float, default=None, help="press Ctrl-C on the run this many seconds after this script started")
+    p.add_argument("--extra", default="", help="more quantize flags, e.g. '--iters 2'")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    start = time.time()
+
+    model, ckpt, log = args.dir / "model", args.dir / "ckpt", args.dir / "quantize.log"
+    args.dir.mkdir(parents=True, exist_ok=True)
+    report = {"shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")}}
+    if not model.exists():
+        t = time.time()
+        write_model(model, args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.device)
+        report["write_s"] = round(time.time() - t, 1)
+    report["model_gib"] = round(sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30, 2)
+    if not ckpt.exists():
+        left = None if args.deadline is None else max(1.0, args.deadline - (time.time() - start))
+        report["run"] = quantize(model, ckpt, log, left, args.extra.split() + ["--device", args.device])
+    report.update(read_log(log))
+    if "peak_host_gib" in report:
+        report["peak_host_share_of_model"] = round(report["peak_host_gib"] / report["model_gib"], 3)
+    if ckpt.exists():
+        report["checkpoint_gib"] = round(sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**30, 2)
+        report["transformers"] = check_load(ckpt, args.device)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
