@@ -114,7 +114,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     a.add_argument("--ignore_scale_zp_bits", "--ignore-scale-zp-bits", action="store_true", help="count only bits x weights, not the scales and zero points")
     t = p.add_argument_group("tuning (defaults come from --preset)")
     t.add_argument("--preset", default=None, help="auto-round (200 iters), auto-round-best (1000 iters, 512 samples), auto-round-light (50 iters), rtn (iters 0)")
-    t.add_argument("--iters", type=int, help="SignRound steps per block; 0 = RTN (then 8 x 512 calibration tokens unless --nsamples/--seqlen say otherwise: they only feed the logged block losses)")
+    t.add_argument("--iters", type=int, help="SignRound steps per block; 0 = RTN: no calibration pass at all, unless the scheme has static activation scales to calibrate (NVFP4, FP8_STATIC: then 8 x 512 tokens unless --nsamples/--seqlen say otherwise)")
     t.add_argument("--lr", type=float, help="learning rate of the rounding offsets (default 1/iters)")
     t.add_argument("--minmax_lr", "--minmax-lr", type=float, help="learning rate of the clipping factors (default: lr)")
     t.add_argument("--nsamples", type=int, help="calibration samples")
@@ -337,7 +337,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     reset_routed(model)  # MoE: count which experts calibration reaches (the summary says)
     result = quantize_model(model, blocks, plan, calib, cfg, device, progress, resume_folder, args.overwrite, streamer)
-    result.unrouted = unrouted_experts(model)
+    result.unrouted = unrouted_experts(model) if result.calibrated else (0, 0)  # RTN runs no tokens through the experts
     if not team.leader:
         return 0  # the leader writes the checkpoint
     source = ExportSource.from_run(model, tokenizer, result, scheme, tuning_notes(result), streamer)

@@ -19,7 +19,7 @@ from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
-from quantize.signround import QuantizedWeight, block_forward, compiles, settle_compile, tune_block
+from quantize.signround import QuantizedWeight, block_forward, compiles, round_block, settle_compile, tune_block
 from quantize.streaming import Streamer
 
 
@@ -31,6 +31,7 @@ class QuantizationResult:
     tune: TuneConfig
     seconds: float
     block_losses: list[tuple[float, float]] = field(default_factory=list)
+    calibrated: bool = True  # calibration text ran through the blocks (not: round-to-nearest without a pass)
 
 
 @torch.no_grad()
@@ -126,12 +127,17 @@ def quantize_model(
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, len(blocks.modules))
-    fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
-    block_kwargs = per_block_kwargs(model, blocks, kwargs, calib_ids[0], device, dtype)  # per layer type (Gemma 3)
-    _check_finite(fp_inputs, "entering the first block")
+    # Round-to-nearest with no activation scale to calibrate needs no forward pass at all.
+    rounds_only = cfg.iters == 0 and not any(s.static_activations for s in plan.quantize.values())
+    if rounds_only:
+        fp_inputs, block_kwargs = torch.empty(0, device=device), [{}] * len(blocks.modules)
+    else:
+        fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
+        block_kwargs = per_block_kwargs(model, blocks, kwargs, calib_ids[0], device, dtype)  # per layer type (Gemma 3)
+        _check_finite(fp_inputs, "entering the first block")
     q_inputs = fp_inputs
     generator = torch.Generator().manual_seed(cfg.seed)
-    result = QuantizationResult({}, plan, blocks, cfg, 0.0)
+    result = QuantizationResult({}, plan, blocks, cfg, 0.0, calibrated=not rounds_only)
     first = 0
     if resumed:
         carry, done, losses = state.load(device, weights=streamer is None)
@@ -163,25 +169,29 @@ def quantize_model(
             # targets in place, unless the tuning inputs are the same tensor.
             shared = q_inputs is fp_inputs
             compiled = compiles(cfg, device, sum(block.get_submodule(n).weight.numel() for n in layers))
-            targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
-            _check_finite(targets, f"after block {i}")
-            if layers:
-                tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
-                # Integer forms wait on the host: on the device they would add up to half the model's size.
-                host = {prefix + n: w.to("cpu") for n, w in tuned.weights.items()}
-                if streamer is None:
-                    result.weights.update(host)
-                result.block_losses.append((tuned.loss_before, tuned.loss_after))
-                if team.leader:
-                    bar.write(
-                        f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, loss {tuned.loss_before:.3g} -> "
-                        f"{tuned.loss_after:.3g} ({time.time() - t0:.1f} s)"
-                    )
-            if cfg.quantized_inputs and (layers or not shared):
-                q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+            losses = None
+            if rounds_only:
+                weights = round_block(block, layers)
             else:
-                q_inputs = targets
-            fp_inputs = targets
+                targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
+                _check_finite(targets, f"after block {i}")
+                weights = {}
+                if layers:
+                    tuned = tune_block(block, layers, q_inputs if cfg.quantized_inputs else fp_inputs, targets, kwargs, cfg, generator)
+                    weights, losses = tuned.weights, (tuned.loss_before, tuned.loss_after)
+                    result.block_losses.append(losses)
+                if cfg.quantized_inputs and (layers or not shared):
+                    q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+                else:
+                    q_inputs = targets
+                fp_inputs = targets
+            # Integer forms wait on the host: on the device they would add up to half the model's size.
+            host = {prefix + n: w.to("cpu") for n, w in weights.items()}
+            if streamer is None:
+                result.weights.update(host)
+            if layers and team.leader:
+                done = "rounded to nearest" if losses is None else f"loss {losses[0]:.3g} -> {losses[1]:.3g}"
+                bar.write(f"block {i + 1}/{len(blocks.modules)}: {len(layers)} layers, {done} ({time.time() - t0:.1f} s)")
             if streamer:
                 streamer.release(i)
             else:
@@ -193,8 +203,7 @@ def quantize_model(
                     model.get_submodule(name).weight.data = qw.dequantize(model_dtype)
             if state is not None and team.leader:
                 last = i + 1 == len(blocks.modules)
-                state.save_block(i, host if layers else {}, result.block_losses[-1] if layers else None, q_inputs, fp_inputs,
-                                 generator, force_carry=last or stop_asked())
+                state.save_block(i, host, losses, q_inputs, fp_inputs, generator, force_carry=last or stop_asked())
             if stop_asked() and i + 1 < len(blocks.modules):
                 raise Stopped(f"stopped after block {i + 1}/{len(blocks.modules)}; run the same command again to resume "
                               f"from block {i + 2} (state in {state.folder})")

@@ -120,3 +120,27 @@ def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
     cfg = TuneConfig(iters=10, nsamples=16, batch_size=4, init_clip=True)
     tuned = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
     assert tuned.loss_after < tuned.loss_before
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32", "MXFP4", "NVFP4A16", "INT8"])
+def test_round_block_equals_tune_block_at_iters_0(tiny_llama, scheme):
+    """RTN without a forward pass (iters 0, nothing to calibrate) gives tune_block's iters-0 codes, NVFP4's
+    fused q/k/v and gate/up global scales included, and leaves the same dequantized weights in the block."""
+    from quantize.scheme import get_scheme
+    from quantize.signround import round_block
+
+    model, _ = load_model(str(tiny_llama))
+    block = find_blocks(model).modules[0].float()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    x, kwargs = capture_block_inputs(model, find_blocks(model), ids, torch.device("cpu"), torch.float32)
+    layers = {n: get_scheme(scheme) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    tuned_block, rounded_block = copy.deepcopy(block), copy.deepcopy(block)
+    tuned = tune_block(tuned_block, layers, x, x, kwargs, TuneConfig(iters=0, nsamples=4, batch_size=2), torch.Generator())
+    rounded = round_block(rounded_block, layers)
+    for name, w in tuned.weights.items():
+        r = rounded[name]
+        assert torch.equal(w.q, r.q) and torch.equal(w.scales, r.scales) and torch.equal(w.zeros, r.zeros), name
+        assert w.extra.keys() == r.extra.keys() and all(torch.equal(w.extra[k], r.extra[k]) for k in w.extra)
+        assert torch.equal(tuned_block.get_submodule(name).weight, rounded_block.get_submodule(name).weight)
+        probe = torch.randn(3, tuned_block.get_submodule(name).in_features)
+        assert torch.equal(tuned_block.get_submodule(name)(probe), rounded_block.get_submodule(name)(probe)), name
