@@ -51,6 +51,27 @@ def random_4bit_layer(group_size: int, sym: bool, layout: str, n: int, k: int, s
     return LinearSpec(4, group_size, sym, layout, k, n), pack(layout, q, scales, zeros, 4), (q, scales, zeros)
 
 
+def random_packed_layer(scheme, layout: str, n: int, k: int, seed: int):
+    """A random ``[n, k]`` weight RTN-quantized to ``scheme`` and packed in ``layout``."""
+    from quantize.numerics import quantize_weight
+    from quantize.packing import pack
+
+    g = torch.Generator().manual_seed(seed)
+    q, s, z = quantize_weight(torch.randn(n, k, generator=g), scheme.bits, scheme.group_size, scheme.sym)
+    return pack(layout, q, s, z, scheme.bits)
+
+
+def reference_linear(scheme, layout: str, packed, n: int, k: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the packed layer on the portable torch kernel: what an engine's layer must compute."""
+    from quantize.kernels import KERNELS, LinearSpec
+
+    spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n)
+    kern = KERNELS["torch"]
+    state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
+    state.update(kern.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
+    return kern.apply(spec, state, x, None)
+
+
 def build_tiny_llama(path: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, seed: int = 0) -> Path:
     """A small random Llama with the reference model's tokenizer, saved as a normal HF folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

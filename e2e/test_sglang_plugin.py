@@ -18,11 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CALIB, REPO, build_tiny_llama
+from conftest import CALIB, REPO, build_tiny_llama, random_packed_layer, reference_linear
 from quantize.checkpoint import CheckpointConfig, ConfigError, layout_for
-from quantize.kernels import KERNELS, LinearSpec
-from quantize.numerics import quantize_weight
-from quantize.packing import pack
 from quantize.scheme import Scheme
 from sglang_env import SGLANG_PIN, import_sglang
 
@@ -57,20 +54,6 @@ def _config(scheme: Scheme, layout: str | None = None, **extra) -> AutoRoundSgla
     cfg = {"quant_method": "auto-round", "bits": scheme.bits, "group_size": scheme.group_size, "sym": scheme.sym,
            "packing_format": FORMATS[layout or layout_for(scheme)], "block_name_to_quantize": "model.layers", **extra}
     return AutoRoundSglangConfig.from_config(cfg)
-
-
-def _packed(scheme: Scheme, layout: str, n: int, k: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    q, s, z = quantize_weight(torch.randn(n, k, generator=g), scheme.bits, scheme.group_size, scheme.sym)
-    return pack(layout, q, s, z, scheme.bits)
-
-
-def _reference(scheme, layout, packed, n, k, x):
-    spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n)
-    kern = KERNELS["torch"]
-    state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
-    state.update(kern.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
-    return kern.apply(spec, state, x, None)
 
 
 def _build(kind: str, qc, prefix: str, rank: int = 0, size: int = 1):
@@ -111,8 +94,8 @@ def test_merged_and_row_parallel_shards(scheme, layout, tp_size):
         "gate_up": [(0, INTER, HIDDEN), (1, INTER, HIDDEN)],
     }
     for kind, shards in parts.items():
-        packed = {sid: _packed(scheme, layout, n, k, seed=i) for i, (sid, n, k) in enumerate(shards)}
-        full = {sid: _reference(scheme, layout, packed[sid], n, k, x_in) for sid, n, k in shards}
+        packed = {sid: random_packed_layer(scheme, layout, n, k, seed=i) for i, (sid, n, k) in enumerate(shards)}
+        full = {sid: reference_linear(scheme, layout, packed[sid], n, k, x_in) for sid, n, k in shards}
         for rank in range(tp_size):
             layer = _build(kind, qc, f"model.layers.0.{'self_attn' if kind == 'qkv' else 'mlp'}.{kind}_proj", rank, tp_size)
             assert type(layer.quant_method).__name__ == "AutoRoundLinearMethod"
@@ -125,8 +108,8 @@ def test_merged_and_row_parallel_shards(scheme, layout, tp_size):
             expected = torch.cat([f.chunk(tp_size, dim=-1)[rank] for f in full.values()], dim=-1)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
-    packed = _packed(scheme, layout, HIDDEN, INTER, seed=7)
-    full = _reference(scheme, layout, packed, HIDDEN, INTER, x_inter)
+    packed = random_packed_layer(scheme, layout, HIDDEN, INTER, seed=7)
+    full = reference_linear(scheme, layout, packed, HIDDEN, INTER, x_inter)
     total = torch.zeros_like(full)
     for rank in range(tp_size):
         layer = _build("down", qc, "model.layers.0.mlp.down_proj", rank, tp_size)

@@ -129,6 +129,17 @@ def op_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def shape_unsupported(spec: LinearSpec, n_multiple: int) -> str | None:
+    """What the int4 pack layout (CUDA's and the CPU's) cannot hold: group sizes, K tiles, N rounding."""
+    if spec.group_size not in GROUP_SIZES:
+        return f"group size {spec.group_size} (supported: {', '.join(map(str, GROUP_SIZES))})"
+    if inner_k_tiles(spec.in_features) is None:
+        return f"in_features {spec.in_features} is not a multiple of 32"
+    if spec.out_features % n_multiple:
+        return f"out_features {spec.out_features} is not a multiple of {n_multiple}"
+    return None
+
+
 @register_kernel("tinygemm")
 class TinygemmKernel:
     priority = 20  # above Triton (10): it wins for bf16 at small M, and hands every other call to Triton
@@ -140,12 +151,9 @@ class TinygemmKernel:
             return why
         if spec.bits != 4:
             return f"4-bit weights only, not {spec.bits}-bit"
-        if spec.group_size not in GROUP_SIZES:
-            return f"group size {spec.group_size} (supported: {', '.join(map(str, GROUP_SIZES))})"
-        if inner_k_tiles(spec.in_features) is None:
-            return f"in_features {spec.in_features} is not a multiple of 32"
-        if spec.out_features % 8:
-            return f"out_features {spec.out_features} is not a multiple of 8"
+        why = shape_unsupported(spec, n_multiple=8)
+        if why:
+            return why
         if "triton" not in KERNELS:
             return "needs Triton (its kernels take the float16/float32 and M > MAX_M calls)"
         return _fallback().unsupported(spec, device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from quantize.kernels.dispatch import LinearSpec, register_kernel
-from quantize.kernels.tinygemm import GROUP_SIZES, inner_k_tiles, scales_and_zeros
+from quantize.kernels.tinygemm import inner_k_tiles, scales_and_zeros, shape_unsupported
 from quantize.kernels.torch_ref import TorchKernel
 from quantize.packing import PackedLinear, unpack
 
@@ -41,13 +41,7 @@ class TinygemmCpuKernel:
             return f"up to 4-bit weights, not {spec.bits}-bit"
         if spec.act_dtype != torch.bfloat16:
             return f"takes bfloat16 activations (the op's other paths are 10-40x slower), not {spec.act_dtype}"
-        if spec.group_size not in GROUP_SIZES:
-            return f"group size {spec.group_size} (supported: {', '.join(map(str, GROUP_SIZES))})"
-        if inner_k_tiles(spec.in_features) is None:
-            return f"in_features {spec.in_features} is not a multiple of 32"
-        if spec.out_features % 16:
-            return f"out_features {spec.out_features} is not a multiple of 16"
-        return None
+        return shape_unsupported(spec, n_multiple=16)
 
     @staticmethod
     def prepare(spec: LinearSpec, qweight, qzeros, scales) -> dict[str, torch.Tensor]:

@@ -16,9 +16,7 @@ from vllm.model_executor.layers import linear as vllm_linear  # noqa: E402
 
 from quantize.checkpoint import CheckpointConfig, ConfigError, layout_for  # noqa: E402
 from quantize.integrations.vllm.config import AutoRoundVllmConfig  # noqa: E402
-from quantize.kernels import KERNELS, LinearSpec  # noqa: E402
-from quantize.numerics import quantize_weight  # noqa: E402
-from quantize.packing import pack  # noqa: E402
+from conftest import random_packed_layer, reference_linear  # noqa: E402
 from quantize.scheme import Scheme  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 256, 4, 2, 64, 512
@@ -30,21 +28,6 @@ def _config(scheme: Scheme, layout: str | None = None) -> AutoRoundVllmConfig:
     qc = AutoRoundVllmConfig(cfg)
     qc.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     return qc
-
-
-def _packed(scheme: Scheme, layout: str, n: int, k: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    q, s, z = quantize_weight(w, scheme.bits, scheme.group_size, scheme.sym)
-    return pack(layout, q, s, z, scheme.bits)
-
-
-def _reference(scheme, layout, packed, n, k, x):
-    spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n)
-    kern = KERNELS["torch"]
-    state = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
-    state.update(kern.prepare(spec, packed.qweight, packed.qzeros, packed.scales))
-    return kern.apply(spec, state, x, None)
 
 
 @pytest.fixture
@@ -90,8 +73,8 @@ def test_merged_and_row_parallel_shards(tp, scheme, layout, tp_size):
         "gate_up": [(0, INTER, HIDDEN), (1, INTER, HIDDEN)],
     }
     for kind, shards in parts.items():
-        packed = {sid: _packed(scheme, layout, n, k, seed=i) for i, (sid, n, k) in enumerate(shards)}
-        full = {sid: _reference(scheme, layout, packed[sid], n, k, x_in) for sid, n, k in shards}
+        packed = {sid: random_packed_layer(scheme, layout, n, k, seed=i) for i, (sid, n, k) in enumerate(shards)}
+        full = {sid: reference_linear(scheme, layout, packed[sid], n, k, x_in) for sid, n, k in shards}
         for rank in range(tp_size):
             tp(rank, tp_size)
             layer = _build(kind, qc, f"model.layers.0.{'self_attn' if kind == 'qkv' else 'mlp'}.{kind}_proj")
@@ -104,8 +87,8 @@ def test_merged_and_row_parallel_shards(tp, scheme, layout, tp_size):
             expected = torch.cat([f.chunk(tp_size, dim=-1)[rank] for f in full.values()], dim=-1)
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
-    packed = _packed(scheme, layout, HIDDEN, INTER, seed=7)
-    full = _reference(scheme, layout, packed, HIDDEN, INTER, x_inter)
+    packed = random_packed_layer(scheme, layout, HIDDEN, INTER, seed=7)
+    full = reference_linear(scheme, layout, packed, HIDDEN, INTER, x_inter)
     total = torch.zeros_like(full)
     for rank in range(tp_size):
         tp(rank, tp_size)
