@@ -134,6 +134,22 @@ def test_plugin_serves_like_transformers(checkpoints, cid, scheme, layer_config,
     assert got["text"] == ref["text"]
 
 
+def test_plugin_serves_an_autoscheme_plan(source, tmp_path):
+    """A mixed W2/W4 plan from AutoScheme (`--schemes W2A16,W4A16 --bits 3`) serves like transformers."""
+    ckpt = tmp_path / "auto3"
+    run = subprocess.run([sys.executable, "-m", "quantize", str(source), "--schemes", "W2A16,W4A16", "--bits", "3", "--iters", "0",
+                          "--dataset", str(CALIB), "--output_dir", str(ckpt), "--no-eval", "--quiet", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    bits = {spec.get("bits") for spec in json.loads((ckpt / "config.json").read_text())["quantization_config"]["extra_config"].values()}
+    assert bits & {2, 4}, "the plan is not mixed"
+    ref, got = transformers_reference(ckpt), serve_offline(ckpt)
+    assert got["config"] == "AutoRoundVllmConfig"
+    for mine, theirs in zip(got["logprobs"], ref["logprobs"]):
+        assert (mine - theirs).abs().max().item() < LOGPROB_TOL
+    assert got["text"] == ref["text"]
+
+
 def test_fused_layers_quantized_differently_are_refused(source, tmp_path):
     ckpt = quantize_checkpoint(source, tmp_path / "bad", Scheme(4, 128, True), {"layers.0.self_attn.k_proj": {"bits": 8}})
     with pytest.raises(Exception, match=r"qkv_proj: vLLM fuses q_proj, k_proj, v_proj into one matrix"):

@@ -527,6 +527,40 @@ class AutoSchemePlan:
         return "\n".join(lines)
 
 
+def save_picture(plan: AutoSchemePlan, path) -> bool:
+    """``path`` (PNG): each layer's chosen bits per weight (bars, coloured by scheme) above each option's
+    score of that layer (log scale). False, writing nothing, when matplotlib is not installed (the same
+    numbers are in the text summary)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    names = list(plan.choices)
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(8.0, 0.18 * len(names)), 6.5), layout="constrained")
+    bits_ax, score_ax = fig.subplots(2, 1, sharex=True)
+    chosen = [option_name(plan.choices[n]) for n in names]
+    bpw = [layer_bits(*plan.shapes[n], plan.choices[n], plan.ignore_scale_zp_bits) / math.prod(plan.shapes[n]) for n in names]
+    colour = {option_name(o): f"C{k}" for k, o in enumerate(plan.options)}  # one colour per option, both panels
+    for label in dict.fromkeys(chosen):
+        pick = [i for i, c in enumerate(chosen) if c == label]
+        bits_ax.bar(x[pick], [bpw[i] for i in pick], color=colour.get(label, "grey"), label=label)
+    bits_ax.axhline(plan.target, color="k", linestyle="--", linewidth=1, label=f"target {plan.target:g}")
+    bits_ax.set_ylabel("bits per weight")
+    bits_ax.set_title(f"AutoScheme: average {plan.average:.4f} bits per weight (target {plan.target:g})")
+    bits_ax.legend(loc="upper right", fontsize="small")
+    for label in colour:
+        pts = [(i, plan.scores[n][label]) for i, n in enumerate(names) if plan.scores.get(n, {}).get(label, 0) > 0]
+        if pts:
+            score_ax.scatter(*zip(*pts), s=12, color=colour[label], label=label)
+    score_ax.set_yscale("log")
+    score_ax.set_ylabel("score (estimated loss)")
+    score_ax.legend(loc="upper right", fontsize="small")
+    score_ax.set_xticks(x, names, rotation=90, fontsize=5)
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def _spec(option: Option) -> dict:
     return {"bits": KEEP_BITS} if option is None else {"bits": option.bits, "group_size": option.group_size, "sym": option.sym}
 

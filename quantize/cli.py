@@ -222,7 +222,7 @@ def _eval_ppl(model, tokenizer, path: str | None, seqlen: int, windows: int | No
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from quantize.autoscheme import choose_schemes, option_name
+    from quantize.autoscheme import choose_schemes, option_name, save_picture
     from quantize.calib import BUNDLED, HUB_DEFAULT, calibration_ids, check_source
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
@@ -351,6 +351,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         for folder in folders:
             (folder / "autoscheme_layer_config.json").write_text(json.dumps(auto_plan.layer_config, indent=1) + "\n")
             (folder / "autoscheme.txt").write_text(auto_plan.summary() + "\n")
+            pictured = save_picture(auto_plan, folder / "autoscheme.png")
 
     ppl_after = None
     if evaluate:
@@ -358,8 +359,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         ppl_after = _eval_ppl(model, tokenizer, args.eval_file, EVAL_SEQLEN, eval_windows, progress)
     _summary(model, result, folders, time.time() - start, ppl_before, ppl_after)
     if auto_plan:
+        picture = f", picture {folders[0] / 'autoscheme.png'}" if pictured else " (pip install matplotlib for a picture)"
         print(f"  AutoScheme  average {auto_plan.average:.4f} bits per weight (target {auto_plan.target:g}); plan in "
-              f"{folders[0] / 'autoscheme_layer_config.json'} and {folders[0] / 'autoscheme.txt'}")
+              f"{folders[0] / 'autoscheme_layer_config.json'} and {folders[0] / 'autoscheme.txt'}{picture}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """AutoScheme: bit accounting, the exact allocation, its constraints, the block-wise scores, the command line."""
 
+import importlib.util
 import itertools
 import json
 import os
@@ -244,6 +245,10 @@ def test_cli_end_to_end(tmp_path):
     for group in fused_groups(shapes).values():
         assert len({schemes[n] for n in group}) == 1, group
     saved = json.loads((out / "autoscheme_layer_config.json").read_text())
+    if importlib.util.find_spec("matplotlib"):  # the test extra installs it
+        assert (out / "autoscheme.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "picture" in r.stdout
+    else:
+        assert not (out / "autoscheme.png").exists() and "pip install matplotlib" in r.stdout
     assert {n: saved[n]["bits"] for n in shapes} == {n: s.bits for n, s in schemes.items()}
     loaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
