@@ -80,22 +80,26 @@ class ShardReader:
 
 @dataclass
 class Streamer:
-    """Gives the quantizer block ``i`` read from the shards (:meth:`load`) and frees it (:meth:`release`)."""
+    """Gives the quantizer block ``i`` read from the shards (:meth:`load`) and frees it (:meth:`release`).
+    ``rename`` maps the model's tensor names to the checkpoint's (quantize.moe.checkpoint_namer)."""
 
     reader: ShardReader
     blocks: Blocks
+    rename: Callable[[str], str] = lambda name: name
 
     def load(self, i: int) -> None:
         block, prefix = self.blocks.modules[i], self.blocks.name(i) + "."
-        tensors = self.reader.read([prefix + k for k in block.state_dict()])
+        stored = {k: self.rename(prefix + k) for k in block.state_dict()}
+        tensors = self.reader.read(list(stored.values()))
         _check_finite(tensors)
-        block.load_state_dict({k[len(prefix):]: t for k, t in tensors.items()}, assign=True)
+        block.load_state_dict({k: tensors[name] for k, name in stored.items()}, assign=True)
 
     def release(self, i: int) -> None:
         self.blocks.modules[i].to("meta")
 
     def deferred(self, name: str) -> Callable[[], torch.Tensor]:
-        return self.reader.deferred(name)
+        """The tensor the model calls ``name``, read when called."""
+        return self.reader.deferred(self.rename(name))
 
     def fingerprint(self, calib_ids: torch.Tensor) -> str:
         return self.reader.fingerprint(calib_ids)
@@ -170,31 +174,35 @@ def load_streamed(spec: str):
         raise UserError(f"{folder} is already quantized; streaming reads 16-bit models: pass the original model")
     if getattr(config, "is_encoder_decoder", False) or is_vlm(config):
         raise UserError(f"streaming handles decoder-only language models, not {config.model_type}: quantize it without --stream")
+    from quantize.moe import checkpoint_namer, unfuse_experts
+
     try:
         with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables computed
             model = AutoModelForCausalLM.from_config(config, dtype=_dtype(config))
     except ValueError as e:
         raise UserError(f"{config.model_type} is not a causal LM transformers can build: {e}") from None
+    unfuse_experts(model)  # MoE experts as per-expert layers, named as checkpoints store them (quantize.moe)
+    rename = checkpoint_namer(model)
     blocks = find_blocks(model)
     names = list(model.state_dict())
-    missing = [n for n in names if n not in reader.files and not (n == "lm_head.weight" and _tied(config))]
+    missing = [rename(n) for n in names if rename(n) not in reader.files and not (n == "lm_head.weight" and _tied(config))]
     if missing:
         raise UserError(
-            f"{folder} stores {missing[0]}{f' and {len(missing) - 1} more tensors' if len(missing) > 1 else ''} under "
-            f"other names than {type(model).__name__} uses (transformers renames or fuses them on load, as for MoE "
-            "experts): streaming reads tensors by the model's own names; quantize this model without --stream"
+            f"{folder} has no tensor {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which "
+            f"{type(model).__name__} needs under that name: streaming reads each tensor by its checkpoint name; quantize "
+            "this model without --stream"
         )
-    outside = [n for n in names if not n.startswith(blocks.prefix + ".") and n in reader.files]
-    tensors = reader.read(outside)
+    outside = [n for n in names if not n.startswith(blocks.prefix + ".") and rename(n) in reader.files]
+    tensors = reader.read([rename(n) for n in outside])
     _check_finite(tensors)
-    model.load_state_dict(tensors, strict=False, assign=True)
+    model.load_state_dict({n: tensors[rename(n)] for n in outside}, strict=False, assign=True)
     if "lm_head.weight" not in reader.files and _tied(config):
         model.lm_head.weight = model.get_input_embeddings().weight
     model.eval()
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     model.config._name_or_path = str(folder)
-    return model, AutoTokenizer.from_pretrained(folder), Streamer(reader, blocks)
+    return model, AutoTokenizer.from_pretrained(folder), Streamer(reader, blocks, rename)
 
 
 def peak_host_memory() -> int:
