@@ -127,8 +127,10 @@ def quantize_model(
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, len(blocks.modules))
-    # Round-to-nearest with no activation scale to calibrate needs no forward pass at all.
+    # Round-to-nearest with no activation scale to calibrate needs no forward pass at all; with static
+    # activation scales, one pass to calibrate and one for the next block's (quantized) inputs.
     rounds_only = cfg.iters == 0 and not any(s.static_activations for s in plan.quantize.values())
+    calibrates_only = cfg.iters == 0 and not rounds_only and cfg.quantized_inputs
     if rounds_only:
         fp_inputs, block_kwargs = torch.empty(0, device=device), [{}] * len(blocks.modules)
     else:
@@ -172,6 +174,10 @@ def quantize_model(
             losses = None
             if rounds_only:
                 weights = round_block(block, layers)
+            elif calibrates_only:
+                weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp)
+                q_inputs = fp_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+                _check_finite(q_inputs, f"after block {i}")
             else:
                 targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)
                 _check_finite(targets, f"after block {i}")

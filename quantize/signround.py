@@ -254,20 +254,22 @@ def tune_block(
 
 
 @torch.no_grad()
-def round_block(block: nn.Module, layers: dict[str, Scheme]) -> dict[str, "QuantizedWeight"]:
-    """``iters 0`` with no activation scale to calibrate: every layer rounded to nearest, no forward pass
-    (what :func:`tune_block` gives at ``iters 0``, without its logged losses). The block then holds the
-    dequantized weights and its layers' input quantization, as after tuning."""
+def round_block(block: nn.Module, layers: dict[str, Scheme], inputs: torch.Tensor | None = None, block_kwargs: dict | None = None,
+                batch: int = 1, amp: bool = False) -> dict[str, "QuantizedWeight"]:
+    """``iters 0``: every layer rounded to nearest, with no pass beyond what static activation scales need
+    (one over ``inputs``, before rounding, as :func:`tune_block` calibrates). The same codes and scales as
+    :func:`tune_block` at ``iters 0``, without its logged losses. The block then holds the dequantized weights
+    and its layers' input quantization, as after tuning."""
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
     contexts = act_quant.weight_contexts(weights, layers)  # NVFP4: fused shards share one global scale
+    static = act_quant.calibrate(block, layers, inputs, block_kwargs or {}, batch, amp) if inputs is not None else {}
     out = {}
     for name, scheme in layers.items():
         q, scales, zeros, extra = weight_rules.quantize_weight(weights[name], scheme, ctx=contexts[name])
-        out[name] = QuantizedWeight(q, scales, zeros, scheme, extra)
+        out[name] = QuantizedWeight(q, scales, zeros, scheme, {**extra, **static.get(name, {})})
         modules[name].weight.data = out[name].dequantize(weights[name].dtype)
-    # Dynamic activation quantization stays on the layers, as tune_block leaves it (evaluation after a run).
-    act_quant.install_all(block, {n: act_quant.quantizer(s, None) for n, s in layers.items()})
+    act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
     return out
 
 

@@ -123,10 +123,10 @@ def available_memory() -> int | None:
 
 
 def should_stream(spec: str) -> tuple[bool, str]:
-    """Whether to stream a model given by a local folder when the user did not say, and why."""
-    where, gguf = resolve_model_path(spec)
-    folder = Path(where)
-    if gguf or not folder.is_dir():
+    """Whether to stream a model given by a local folder when the user did not say, and why (a hub id is
+    not fetched here: ``--stream`` streams it from the hub cache)."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").exists():
         return False, ""
     size = sum(p.stat().st_size for p in shard_files(folder))
     free = available_memory()

@@ -122,10 +122,11 @@ def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
     assert tuned.loss_after < tuned.loss_before
 
 
-@pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32", "MXFP4", "NVFP4A16", "INT8"])
+@pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32", "MXFP4", "NVFP4A16", "INT8", "NVFP4", "FP8_STATIC"])
 def test_round_block_equals_tune_block_at_iters_0(tiny_llama, scheme):
-    """RTN without a forward pass (iters 0, nothing to calibrate) gives tune_block's iters-0 codes, NVFP4's
-    fused q/k/v and gate/up global scales included, and leaves the same dequantized weights in the block."""
+    """RTN without a forward pass (iters 0, nothing to calibrate; one calibration pass for static activation
+    scales) gives tune_block's iters-0 codes and scales, NVFP4's fused q/k/v and gate/up global scales
+    included, and leaves the same dequantized weights and input quantization in the block."""
     from quantize.scheme import get_scheme
     from quantize.signround import round_block
 
@@ -136,7 +137,10 @@ def test_round_block_equals_tune_block_at_iters_0(tiny_llama, scheme):
     layers = {n: get_scheme(scheme) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     tuned_block, rounded_block = copy.deepcopy(block), copy.deepcopy(block)
     tuned = tune_block(tuned_block, layers, x, x, kwargs, TuneConfig(iters=0, nsamples=4, batch_size=2), torch.Generator())
-    rounded = round_block(rounded_block, layers)
+    static = any(s.static_activations for s in layers.values())
+    from quantize.model import uses_amp
+
+    rounded = round_block(rounded_block, layers, *((x, kwargs, 2, uses_amp(None, torch.device("cpu"))) if static else ()))
     for name, w in tuned.weights.items():
         r = rounded[name]
         assert torch.equal(w.q, r.q) and torch.equal(w.scales, r.scales) and torch.equal(w.zeros, r.zeros), name
