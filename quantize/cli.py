@@ -136,7 +136,8 @@ def quantize_parser() -> argparse.ArgumentParser:
                    help="models larger than host memory: read each block's weights from the safetensors shards only while it is "
                    "tuned and write the checkpoint shard by shard, so host memory holds about one block, one 2 GB shard and the "
                    "embeddings (the calibration activations stay on the GPU). Default: on when the weights exceed half the "
-                   "available memory. Writes auto_round (convert it afterwards); no --eval, no --schemes")
+                   "available memory, unless --schemes or a --format other than auto_round needs the model whole. Writes "
+                   "auto_round (convert it afterwards); no --eval, no --schemes")
     o.add_argument("--eval", dest="evaluate", action=argparse.BooleanOptionalAction, default=None, help="perplexity before and after (default on for the built-in model)")
     o.add_argument("--eval-file", default=None, help="text for that perplexity (default: bundled)")
     o.add_argument("--eval-windows", type=int, default=None, help="windows of --seqlen tokens for that perplexity")
@@ -227,7 +228,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.checkpoint import layout_for
     from quantize.export.atomic import check_output_dir
     from quantize.export.auto_round import tuning_notes
-    from quantize.export.registry import check_formats, check_streams, export, parse_formats
+    from quantize.export.registry import check_formats, check_streams, export, parse_formats, streams
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
     from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
@@ -290,6 +291,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
     print(f"device     {device}: {describe_compute(device, uses_amp(cfg.amp, device))}")
     stream, why_stream = (args.stream, "--stream") if args.stream is not None else should_stream(model_spec)
+    if stream and args.stream is None:
+        held = "--schemes" if auto else next((f.label for f in formats if not streams(f)), None)
+        if held:  # chosen by size alone: a run that needs the model whole loads it, and says so
+            print(f"note: {why_stream}, but {held} needs the whole model in memory: not streaming", file=sys.stderr)
+            stream = False
     streamer = None
     if stream:
         if auto:

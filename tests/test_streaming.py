@@ -176,3 +176,16 @@ def test_what_cannot_stream_is_refused(case, match, model, tmp_path):
     run = _run(cmd)
     assert run.returncode == 2 and match in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("extra, streamed", [([], True), (["--format", "auto_gptq"], False)])
+def test_streams_by_itself_when_the_weights_exceed_half_the_memory(model, tmp_path, capsys, monkeypatch, extra, streamed):
+    """Without --stream/--no-stream the size decides; a format that needs the whole model keeps it in memory."""
+    from quantize import streaming
+    from quantize.cli import main
+
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1000)
+    assert main(_command(model, tmp_path / "ckpt", "--iters", "0", *extra)[3:]) == 0
+    out, err = capsys.readouterr()
+    assert ("memory     streamed" in out) is streamed
+    assert "exceed half the available memory" in (out if streamed else err)

@@ -98,9 +98,14 @@ def refusal(spec: FormatSpec, scheme) -> str | None:
             "use llm_compressor (or auto_round for MXFP4, MXFP8, NVFP4 and FP8_STATIC)")
 
 
+def streams(spec: FormatSpec) -> bool:
+    """Whether format ``spec`` is written from deferred tensors (a streamed run)."""
+    return EXPORTERS[spec.name].streams
+
+
 def check_streams(formats: list[FormatSpec]) -> None:
     """Refuse formats that need the whole model in memory, for a streamed run."""
-    held = [f.label for f in formats if not EXPORTERS[f.name].streams]
+    held = [f.label for f in formats if not streams(f)]
     if held:
         raise UserError(f"a streamed run (--stream) writes the auto_round format, not {', '.join(held)}: quantize to "
                         f"auto_round, then `python -m quantize convert CKPT --to {held[0]}`")
