@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import signal
@@ -34,8 +35,9 @@ TOKENIZER = ROOT / "tests" / "assets" / "tokenizer"
 def write_model(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
                 device: str, shard_bytes: int = 5 * 10**9) -> int:
     """A random bf16 Llama in safetensors shards, written tensor by tensor; returns its bytes."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
+
+    from quantize.export.hf_folder import write_weights
 
     head_dim = hidden // heads
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -56,35 +58,18 @@ def write_model(folder: Path, layers: int, hidden: int, intermediate: int, heads
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     gen = torch.Generator(device).manual_seed(0)
-    shards, pending, size, total = [], {}, 0, 0
-    weight_map = {}
 
-    def flush():
-        shards.append(f"part-{len(shards) + 1}")
-        save_file(pending, tmp / shards[-1], metadata={"format": "pt"})
-        pending.clear()
-
-    for name, shape in shapes.items():
+    def tensor(shape):
         if len(shape) == 1:
-            t = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
-        nbytes = t.numel() * 2
-        if pending and size + nbytes > shard_bytes:
-            flush()
-            size = 0
-        pending[name], size, total = t, size + nbytes, total + nbytes
-        weight_map[name] = len(shards)
-    flush()
-    names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for part, name in zip(shards, names):
-        (tmp / part).rename(tmp / name)
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}))
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+
+    # Deferred tensors: each is drawn when its shard is written, so one shard is in memory at a time.
+    write_weights(tmp, {name: lambda shape=shape: tensor(shape) for name, shape in shapes.items()}, shard_bytes)
     config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp)
     tmp.rename(folder)
-    return total
+    return sum(math.prod(shape) * 2 for shape in shapes.values())
 
 
 def quantize(model: Path, ckpt: Path, log: Path, deadline: float | None, extra: list[str]) -> dict:

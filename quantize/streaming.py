@@ -52,10 +52,6 @@ class ShardReader:
             raise UserError(f"{folder} holds no .safetensors weights: streaming reads safetensors shards; "
                             "quantize this model without --stream")
 
-    @property
-    def nbytes(self) -> int:
-        return sum(path.stat().st_size for path in self.headers)
-
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 

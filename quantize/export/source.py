@@ -52,7 +52,7 @@ class ExportSource:
         tensors, seen = {}, set()
         for key, t in model.state_dict().items():
             if t.is_meta:
-                if key[: -len(".weight")] not in result.weights:
+                if key.removesuffix(".weight") not in result.weights:
                     tensors[key] = streamer.deferred(key)
                 continue
             # Tied weights (lm_head sharing the embeddings) are one tensor: stored once, as save_pretrained does.
