@@ -9,6 +9,7 @@ state); the next call resumes it. Once the checkpoint exists it is loaded with t
 (``import quantize``), a forward pass checked finite and a few tokens generated.
 
   python benchmarks/large_model.py --dir /tmp/large --deadline 540 --json out.json     # 14B shape
+  python benchmarks/large_model.py --arch qwen3_moe --dir /tmp/moe --json moe.json      # 8 Qwen3-30B-A3B layers
   python benchmarks/large_model.py --dir /tmp/tiny --layers 2 --hidden 256 --intermediate 512 --heads 4 \\
       --kv-heads 2 --vocab 8192 --device cpu --extra "--iters 2 --nsamples 4 --seqlen 64"  # smoke test
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -30,20 +32,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer"
+# head_dim 0: hidden / heads
+ARCH_DEFAULTS = {
+    "llama": dict(layers=48, hidden=5120, intermediate=13824, heads=40, kv_heads=8, head_dim=0, vocab=32000),
+    "qwen3_moe": dict(layers=8, hidden=2048, intermediate=6144, heads=32, kv_heads=4, head_dim=128, vocab=32000,
+                      experts=128, moe_intermediate=768, top_k=8),
+}
 
 
-def write_model(folder: Path, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
-                device: str, shard_bytes: int = 5 * 10**9) -> int:
-    """A random bf16 Llama in safetensors shards, written tensor by tensor; returns its bytes."""
-    from transformers import AutoTokenizer, LlamaConfig
-
-    from quantize.export.hf_folder import write_weights
-
-    head_dim = hidden // heads
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+def llama_shapes(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    shapes = {}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({
@@ -53,7 +51,45 @@ def write_model(folder: Path, layers: int, hidden: int, intermediate: int, heads
             p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
             p + "mlp.down_proj.weight": (hidden, intermediate),
         })
-    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes
+
+
+def qwen3_moe_shapes(layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, experts: int,
+                     moe_intermediate: int) -> dict:
+    """Qwen3-MoE's tensors as its checkpoints store them: one tensor per expert and projection."""
+    dense = llama_shapes(layers, hidden, 0, heads, kv_heads, head_dim)
+    shapes = {name: shape for name, shape in dense.items() if ".mlp." not in name}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,),
+                       p + "mlp.gate.weight": (experts, hidden)})
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            shapes.update({q + "gate_proj.weight": (moe_intermediate, hidden), q + "up_proj.weight": (moe_intermediate, hidden),
+                           q + "down_proj.weight": (hidden, moe_intermediate)})
+    return shapes
+
+
+def write_model(folder: Path, args, device: str, shard_bytes: int = 5 * 10**9) -> int:
+    """A random bf16 model in safetensors shards, written tensor by tensor; returns its bytes."""
+    from transformers import AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+
+    from quantize.export.hf_folder import write_weights
+
+    head_dim = args.head_dim or args.hidden // args.heads
+    common = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                  num_key_value_heads=args.kv_heads, head_dim=head_dim, vocab_size=args.vocab,
+                  max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    if args.arch == "qwen3_moe":
+        config = Qwen3MoeConfig(intermediate_size=args.intermediate, moe_intermediate_size=args.moe_intermediate,
+                                num_experts=args.experts, num_experts_per_tok=args.top_k, norm_topk_prob=True, **common)
+        body = qwen3_moe_shapes(args.layers, args.hidden, args.heads, args.kv_heads, head_dim, args.experts,
+                                args.moe_intermediate)
+    else:
+        config = LlamaConfig(intermediate_size=args.intermediate, **common)
+        body = llama_shapes(args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, head_dim)
+    shapes = {"model.embed_tokens.weight": (args.vocab, args.hidden), **body,
+              "model.norm.weight": (args.hidden,), "lm_head.weight": (args.vocab, args.hidden)}
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -85,7 +121,9 @@ def quantize(model: Path, ckpt: Path, log: Path, deadline: float | None, extra: 
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)  # stops once the block in progress is saved
             proc.wait()
-    return {"returncode": proc.returncode, "seconds": round(time.time() - start, 1)}
+    # the largest resident set of any child waited for: this run's, whether or not it reached its summary
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return {"returncode": proc.returncode, "seconds": round(time.time() - start, 1), "maxrss_gib": round(maxrss, 2)}
 
 
 def read_log(log: Path) -> dict:
@@ -123,25 +161,27 @@ print(json.dumps({{"load_s": round(load, 1), "logits_finite": bool(torch.isfinit
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, required=True, help="model, checkpoint and log go here")
-    p.add_argument("--layers", type=int, default=48)
-    p.add_argument("--hidden", type=int, default=5120)
-    p.add_argument("--intermediate", type=int, default=13824)
-    p.add_argument("--heads", type=int, default=40)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="llama",
+                   help="llama: the 14B shape by default; qwen3_moe: 8 layers of Qwen3-30B-A3B's shape")
+    for flag in ("layers", "hidden", "intermediate", "heads", "kv-heads", "head-dim", "vocab", "experts",
+                 "moe-intermediate", "top-k"):
+        p.add_argument("--" + flag, type=int, default=None, help="default: the architecture's (see ARCH_DEFAULTS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--deadline", type=float, default=None, help="press Ctrl-C on the run this many seconds after this script started")
     p.add_argument("--extra", default="", help="more quantize flags, e.g. '--iters 2'")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     start = time.time()
 
     model, ckpt, log = args.dir / "model", args.dir / "ckpt", args.dir / "quantize.log"
     args.dir.mkdir(parents=True, exist_ok=True)
-    report = {"shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")}}
+    report = {"arch": args.arch, "shape": {k: getattr(args, k) for k in ARCH_DEFAULTS[args.arch]}}
     if not model.exists():
         t = time.time()
-        write_model(model, args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab, args.device)
+        write_model(model, args, args.device)
         report["write_s"] = round(time.time() - t, 1)
     report["model_gib"] = round(sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**30, 2)
     if not ckpt.exists():

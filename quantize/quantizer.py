@@ -126,7 +126,7 @@ def quantize_model(
             state, resumed = open_resume(resume_folder, settings, inputs, overwrite)
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
-    cfg = settle_compile(cfg, device, len(blocks.modules))
+    cfg = settle_compile(cfg, device, list(blocks.modules))
     # Round-to-nearest with no activation scale to calibrate needs no forward pass at all; with static
     # activation scales, one pass to calibrate and one for the next block's (quantized) inputs.
     rounds_only = cfg.iters == 0 and not any(s.static_activations for s in plan.quantize.values())
@@ -170,7 +170,7 @@ def quantize_model(
             # Two sets of activations live on the device, not three: the full-precision inputs become the
             # targets in place, unless the tuning inputs are the same tensor.
             shared = q_inputs is fp_inputs
-            compiled = compiles(cfg, device, sum(block.get_submodule(n).weight.numel() for n in layers))
+            compiled = compiles(cfg, device, block, sum(block.get_submodule(n).weight.numel() for n in layers))
             losses = None
             if rounds_only:
                 weights = round_block(block, layers)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from quantize import act_quant, distributed, fp8_grads, weight_rules
 from quantize.model import UserError, block_output, uses_amp
+from quantize.moe import UnfusedExperts
 from quantize.numerics import dequantize, fake_quantize, to_groups
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
@@ -34,20 +35,25 @@ COMPILE_MIN_WEIGHTS = 1 << 24
 CPU_COMPILE_MIN_STEPS = 600
 
 
-def compiles(cfg: TuneConfig, device: torch.device, block_weights: int) -> bool:
+def compiles(cfg: TuneConfig, device: torch.device, block: nn.Module, block_weights: int) -> bool:
     """Whether a block's tuning step and forward passes run compiled (``cfg.compile``, None = the size rule
-    on CUDA; on the CPU settle_compile decides first)."""
+    on CUDA; on the CPU settle_compile decides first). A block with routed experts runs eagerly unless
+    compiling is asked for: its loop over the experts the router picked has data-dependent shapes, which
+    break the graph at every expert and recompile for every token count."""
     if cfg.compile is not None:
         return cfg.compile
+    if any(isinstance(m, UnfusedExperts) for m in block.modules()):
+        return False
     return device.type == "cuda" and cfg.iters > 0 and block_weights >= COMPILE_MIN_WEIGHTS
 
 
-def settle_compile(cfg: TuneConfig, device: torch.device, blocks: int) -> TuneConfig:
+def settle_compile(cfg: TuneConfig, device: torch.device, blocks: list[nn.Module]) -> TuneConfig:
     """On the CPU, ``compile=None`` becomes a decision for the whole run: one compiled graph serves every
-    block of a shape, so it pays once the run has enough steps to share its cost."""
+    block of a shape, so it pays once the run has enough steps to share its cost (never for routed experts)."""
     if cfg.compile is not None or device.type != "cpu":
         return cfg
-    return replace(cfg, compile=cfg.iters * blocks >= CPU_COMPILE_MIN_STEPS)
+    routed = any(isinstance(m, UnfusedExperts) for block in blocks for m in block.modules())
+    return replace(cfg, compile=not routed and cfg.iters * len(blocks) >= CPU_COMPILE_MIN_STEPS)
 
 
 def _forward(block, x, block_kwargs) -> torch.Tensor:
@@ -232,7 +238,7 @@ def tune_block(
             best[name] = final(name, p.v, p.min_scale, p.max_scale)
 
     if params:
-        compiled = compiles(cfg, device, sum(w.numel() for w in weights.values()))
+        compiled = compiles(cfg, device, block, sum(w.numel() for w in weights.values()))
         args = (block, weights, {n: (p.v, p.min_scale, p.max_scale) for n, p in params.items()}, schemes)
 
         def loss_with(fn):

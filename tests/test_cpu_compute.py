@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from quantize.model import capture_block_inputs, cpu_bf16_fast, default_amp, describe_compute, find_blocks, load_model
 from quantize.presets import TuneConfig
@@ -56,10 +57,28 @@ def test_cpu_compiles_only_runs_long_enough_to_pay():
     CPU_COMPILE_MIN_STEPS; an explicit choice stands, and CUDA keeps its own (block size) rule."""
     from quantize.signround import CPU_COMPILE_MIN_STEPS, settle_compile
 
+    def blocks(n):
+        return [nn.Linear(2, 2) for _ in range(n)]
+
     light = TuneConfig(iters=50)
-    assert settle_compile(light, CPU, 30).compile is True  # SmolLM2-135M: 1500 steps
-    assert settle_compile(light, CPU, 8).compile is False  # the 8-block reference model: 400 steps
-    assert settle_compile(TuneConfig(iters=CPU_COMPILE_MIN_STEPS), CPU, 1).compile is True
-    assert settle_compile(TuneConfig(iters=0), CPU, 100).compile is False
-    assert settle_compile(TuneConfig(iters=50, compile=False), CPU, 30).compile is False
-    assert settle_compile(light, torch.device("cuda"), 30).compile is None
+    assert settle_compile(light, CPU, blocks(30)).compile is True  # SmolLM2-135M: 1500 steps
+    assert settle_compile(light, CPU, blocks(8)).compile is False  # the 8-block reference model: 400 steps
+    assert settle_compile(TuneConfig(iters=CPU_COMPILE_MIN_STEPS), CPU, blocks(1)).compile is True
+    assert settle_compile(TuneConfig(iters=0), CPU, blocks(100)).compile is False
+    assert settle_compile(TuneConfig(iters=50, compile=False), CPU, blocks(30)).compile is False
+    assert settle_compile(light, torch.device("cuda"), blocks(30)).compile is None
+
+
+def test_routed_experts_run_eagerly_unless_compiling_is_asked_for():
+    """A MoE block's loop over the experts the router picked has data-dependent shapes: the size rules
+    never compile it (on CUDA or the CPU); an explicit compile=True still does."""
+    from quantize.moe import UnfusedExperts
+    from quantize.signround import compiles, settle_compile
+
+    moe = nn.Sequential(UnfusedExperts(2, 4, 8, nn.SiLU()))
+    dense = nn.Sequential(nn.Linear(4, 8))
+    cuda, many = torch.device("cuda"), 1 << 30
+    assert compiles(TuneConfig(iters=200), cuda, dense, many) is True
+    assert compiles(TuneConfig(iters=200), cuda, moe, many) is False
+    assert compiles(TuneConfig(iters=200, compile=True), cuda, moe, many) is True
+    assert settle_compile(TuneConfig(iters=50), CPU, [moe] * 30).compile is False
