@@ -10,6 +10,7 @@ embeddings, however many blocks the model has; the calibration activations live 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,16 +26,24 @@ from quantize.shards import shard_files, tensor_layout
 AUTO_SHARE = 0.5
 
 
-def once(fn: Callable):
-    """``fn`` called at most once: its result is kept for the next calls."""
-    kept = []
+def deferred_parts(fn: Callable[[], dict], parts) -> dict[str, Callable]:
+    """A function per name in ``parts`` giving that entry of ``fn()``. ``fn`` runs at the first call and its
+    result is dropped once every part was taken, so a writer that holds these functions for every layer of
+    a model holds one layer's tensors at a time (a part asked for again is computed again)."""
+    result: dict = {}
+    left = set(parts)
 
-    def call():
-        if not kept:
-            kept.append(fn())
-        return kept[0]
+    def take(part: str):
+        if not result:
+            result.update(fn())
+        value = result[part]
+        left.discard(part)
+        if not left:
+            result.clear()
+            left.update(parts)
+        return value
 
-    return call
+    return {part: functools.partial(take, part) for part in parts}
 
 
 class ShardReader:

@@ -10,7 +10,7 @@ from quantize.export.hf_folder import write_hf_folder, write_json
 from quantize.export.registry import ExportError, FormatSpec, export, exporter
 from quantize.export.source import ExportSource
 from quantize.packing import layout_fits, pack
-from quantize.streaming import once
+from quantize.streaming import deferred_parts
 from quantize.quantizer import QuantizationResult
 from quantize.scheme import Scheme
 
@@ -61,9 +61,9 @@ def packed_tensors(source: ExportSource, layout: str) -> dict:
         if why:
             raise ExportError(f"layer {name} cannot be stored in the {layout} layout: {why}")
         # Packed when its shard is written (hf_folder.write_weights): a streamed run never holds them all.
-        packed = once(lambda w=w: pack(layout, w.q, w.scales, w.zeros, w.scheme.bits))
-        for part in ("qweight", "qzeros", "scales"):
-            state[f"{name}.{part}"] = lambda packed=packed, part=part: getattr(packed(), part)
+        packed = deferred_parts(lambda w=w: vars(pack(layout, w.q, w.scales, w.zeros, w.scheme.bits)),
+                                ("qweight", "qzeros", "scales"))
+        state.update({f"{name}.{part}": take for part, take in packed.items()})
     return state
 
 

@@ -29,7 +29,7 @@ import torch
 from quantize.export.hf_folder import write_hf_folder, write_json
 from quantize.scheme import Scheme
 from quantize.weight_rules import rule_name
-from quantize.streaming import once
+from quantize.streaming import deferred_parts
 
 MX_NV_PACKING = "auto_round:llm_compressor"
 FP8_STATIC_PACKING = "auto_round:fp8_static"
@@ -109,9 +109,8 @@ def write(source, folder: Path) -> None:
     state = dict(source.tensors)
     for name, w in source.layers.items():
         # Computed when its shard is written (hf_folder.write_weights): a streamed run never holds them all.
-        tensors = once(lambda w=w: layer_tensors(w))
-        for k in layer_parts(w):
-            state[f"{name}.{k}"] = lambda tensors=tensors, k=k: tensors()[k]
+        parts = deferred_parts(lambda w=w: layer_tensors(w), layer_parts(w))
+        state.update({f"{name}.{k}": take for k, take in parts.items()})
     qcfg = quantization_config(source, dict(source.metadata))
     write_hf_folder(source, folder, state, qcfg)
     write_json(folder / "quantization_config.json", qcfg)
