@@ -40,6 +40,9 @@ ANCHORS = {
 # Our tool's variants for side-by-side checks of one setting: TuneConfig fields over the preset's.
 OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"init_clip": True}, "ours-noclip": {"init_clip": False},
                  "ours-fp32": {"amp": False}, "ours-bf16": {"amp": True}}
+# AutoRound's variants: at iters 0, "intel" is its plain RTN (disable_opt_rtn), "intel-optrtn" its default
+# "optimized RTN" (imatrix-weighted scale search), against which "ours-clip" (--init-clip) compares.
+INTEL_VARIANTS = {"intel": {}, "intel-optrtn": {"opt_rtn": True}}
 
 
 def intel_settings(cfg) -> dict:
@@ -73,15 +76,16 @@ def run_ours(base, scheme, cfg, calib, device):
     return model, time.time() - t0
 
 
-def run_intel(base, tok, scheme, cfg, calib, device):
+def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False):
     from auto_round import AutoRound
 
     model = copy.deepcopy(base)
     # FP and activation-quantized schemes by AutoRound's preset name (our names are its names); at iters 0 its
-    # plain RTN (disable_opt_rtn: its default "optimized RTN" scale search is another algorithm, and takes
-    # minutes per block on a CPU), which is what ours computes at iters 0.
+    # plain RTN (disable_opt_rtn), which is what ours computes at iters 0 by default, unless opt_rtn asks for
+    # its "optimized RTN" scale search (minutes per block on a CPU).
     how = (dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme.integer_weight_only
-           else dict(scheme=scheme.name, disable_opt_rtn=cfg.iters == 0))
+           else dict(scheme=scheme.name))
+    how["disable_opt_rtn"] = cfg.iters == 0 and not opt_rtn
     ar = AutoRound(
         model, tokenizer=tok, **how,
         dataset=[row.unsqueeze(0) for row in calib], device_map=0 if device.type == "cuda" else "cpu",
@@ -107,7 +111,7 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
                    "ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
-                   "clipping search before tuning; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
+                   "clipping search before tuning (at --iters 0: the searched rounding); intel-optrtn: AutoRound's optimized RTN at iters 0; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
@@ -141,14 +145,14 @@ def main() -> None:
         versions["transformers"] = transformers.__version__
     except ImportError:
         pass
-    if "intel" in tools:
+    if any(t in INTEL_VARIANTS for t in tools):
         try:
             import auto_round
 
             versions["auto_round"] = auto_round.__version__
         except Exception as e:  # noqa: BLE001 - report and go on with ours
             print(f"auto_round unavailable ({type(e).__name__}: {e}); running ours only", flush=True)
-            tools.remove("intel")
+            tools = [t for t in tools if t not in INTEL_VARIANTS]
     if args.configs:
         configs = [tuple(c.split(":")) for c in args.configs.split(",")]
     else:
@@ -195,7 +199,7 @@ def main() -> None:
                 if tool.startswith("ours"):
                     model, seconds = run_ours(base, scheme, replace(cfg, **OURS_VARIANTS[tool]), calib, device)
                 else:
-                    model, seconds = run_intel(base, tok, scheme, cfg, calib, device)
+                    model, seconds = run_intel(base, tok, scheme, cfg, calib, device, **INTEL_VARIANTS[tool])
                 peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
                 value = ppl(model)
             except Exception as e:  # noqa: BLE001 - keep the other rows

@@ -52,12 +52,10 @@ class TuneConfig:
     def minmax_learning_rate(self) -> float:
         return self.minmax_lr if self.minmax_lr is not None else self.learning_rate
 
-    def searches_clip(self, bits: int) -> bool:
-        return self.init_clip if self.init_clip is not None else bits <= 3
-
     def describe(self) -> str:
         if self.iters == 0:
-            return f"RTN (iters=0), nsamples={self.nsamples}, seqlen={self.seqlen}"
+            search = ", clipping searched (optimized RTN)" if self.init_clip else ""
+            return f"RTN (iters=0){search}, nsamples={self.nsamples}, seqlen={self.seqlen}"
         return (
             f"iters={self.iters}, lr={self.learning_rate:g}, minmax_lr={self.minmax_learning_rate:g}, "
             f"nsamples={self.nsamples}, seqlen={self.seqlen}, batch_size={self.batch_size}, grad_accum={self.grad_accum}"

@@ -19,7 +19,8 @@ from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
-from quantize.signround import QuantizedWeight, block_forward, compiles, round_block, settle_compile, tune_block
+from quantize.signround import (QuantizedWeight, block_forward, compiles, round_block, searched_layers, settle_compile,
+                                tune_block)
 from quantize.streaming import Streamer
 
 
@@ -127,9 +128,10 @@ def quantize_model(
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, list(blocks.modules))
-    # Round-to-nearest with no activation scale to calibrate needs no forward pass at all; with static
-    # activation scales, one pass to calibrate and one for the next block's (quantized) inputs.
-    rounds_only = cfg.iters == 0 and not any(s.static_activations for s in plan.quantize.values())
+    # Round-to-nearest with no activation scale to calibrate and no clipping search needs no forward pass
+    # at all; otherwise one pass to calibrate (and search) and one for the next block's (quantized) inputs.
+    searches = bool(searched_layers(cfg, plan.quantize))
+    rounds_only = cfg.iters == 0 and not searches and not any(s.static_activations for s in plan.quantize.values())
     calibrates_only = cfg.iters == 0 and not rounds_only and cfg.quantized_inputs
     if rounds_only:
         fp_inputs, block_kwargs = torch.empty(0, device=device), [{}] * len(blocks.modules)
@@ -175,7 +177,7 @@ def quantize_model(
             if rounds_only:
                 weights = round_block(block, layers)
             elif calibrates_only:
-                weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp)
+                weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched_layers(cfg, layers))
                 q_inputs = fp_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
                 _check_finite(q_inputs, f"after block {i}")
             else:

@@ -155,25 +155,42 @@ class _LayerParams(nn.Module):
         self.max_scale = nn.Parameter(start.clone())
 
 
-CLIP_GRID = torch.linspace(0.3, 1.0, 29).tolist()
-
-
 @torch.no_grad()
-def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor) -> torch.Tensor:
-    """Per-group range factor ``[N, G]`` from ``CLIP_GRID`` that minimises the round-to-nearest error
-    weighted by each input channel's importance (``importance [K]``: mean squared activation)."""
+def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+    """Per-group clipping factor ``[N, G]`` from the rule's search grid that minimises the round-to-nearest
+    error weighted by each input channel's importance (``importance [K]``: mean squared activation)."""
+    n, k = w.shape
+    g = weight_rules.clip_shape(scheme, n, k)[-1]
     wf = w.float()
-    imp = to_groups(importance.float().expand_as(w), scheme.group_size)
-    shape = imp.shape[:2]
-    best_err = torch.full(shape, float("inf"), device=w.device)
-    best = torch.ones(shape, device=w.device)
-    for r in CLIP_GRID:
-        factor = torch.full(shape, r, device=w.device)
-        err = to_groups(wf - fake_quantize(w, scheme.bits, scheme.group_size, scheme.sym, 0.0, factor, factor), scheme.group_size)
+    imp = importance.float().expand(n, k).reshape(n, g, k // g)
+    best_err = torch.full((n, g), float("inf"), device=w.device)
+    best = torch.ones((n, g), device=w.device)
+    for r in weight_rules.search_grid(scheme):
+        factor = torch.full((n, g), r, device=w.device)
+        err = (wf - weight_rules.fake_quantize(w, scheme, 0.0, factor, factor, ctx)).reshape(n, g, k // g)
         err = (imp * err.square()).sum(-1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
     return best
+
+
+def searched_layers(cfg: TuneConfig, layers: dict[str, Scheme]) -> list[str]:
+    """Layers whose clipping factors come from :func:`search_clip`: with ``init_clip`` on, every layer whose
+    rule has a search grid (at iters 0 that is AutoRound's "optimized RTN"); by default, tuning starts 2-
+    and 3-bit integer weight-only layers from it and iters 0 is plain round-to-nearest."""
+    if cfg.init_clip is True:
+        return [n for n, s in layers.items() if weight_rules.search_grid(s) is not None]
+    if cfg.init_clip is None and cfg.iters > 0:
+        return [n for n, s in layers.items() if s.bits <= 3 and s.integer_weight_only]
+    return []
+
+
+def _searched_clips(block, layers, weights, contexts, names, inputs, block_kwargs, batch, amp) -> dict[str, torch.Tensor]:
+    if not names:
+        return {}
+    energy = _input_energy(block, names, inputs, block_kwargs, batch, amp)
+    # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
+    return {n: search_clip(weights[n], layers[n], energy[n], contexts[n]) for n in names if n in energy}
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -222,12 +239,8 @@ def tune_block(
     loss_before = probe_loss(rtn, probe)
     del rtn
 
-    clips = {}
-    searched = [name for name, scheme in layers.items() if cfg.searches_clip(scheme.bits) and scheme.integer_weight_only]
-    if cfg.iters > 0 and searched:
-        energy = _input_energy(block, searched, inputs, block_kwargs, cfg.batch_size, amp)
-        # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
-        clips = {name: search_clip(weights[name], layers[name], energy[name]) for name in searched if name in energy}
+    clips = _searched_clips(block, layers, weights, contexts, searched_layers(cfg, layers), inputs, block_kwargs,
+                            cfg.batch_size, amp)
     params = {name: _LayerParams(w, layers[name], device, clips.get(name)) for name, w in weights.items()} if cfg.iters > 0 else {}
     # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
     best: dict[str, QuantizedWeight] = {}
@@ -252,7 +265,7 @@ def tune_block(
                 loss = _warm_up(loss_with(tuning_loss(True)), loss, probe, params)
             _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
     else:
-        best = {n: final(n) for n in weights}
+        best = {n: final(n, 0.0, clips[n], clips[n]) if n in clips else final(n) for n in weights}
 
     for name, qw in best.items():
         modules[name].weight.data = qw.dequantize(weights[name].dtype)
@@ -261,21 +274,25 @@ def tune_block(
 
 @torch.no_grad()
 def round_block(block: nn.Module, layers: dict[str, Scheme], inputs: torch.Tensor | None = None, block_kwargs: dict | None = None,
-                batch: int = 1, amp: bool = False) -> dict[str, "QuantizedWeight"]:
-    """``iters 0``: every layer rounded to nearest, with no pass beyond what static activation scales need
-    (one over ``inputs``, before rounding, as :func:`tune_block` calibrates). The same codes and scales as
-    :func:`tune_block` at ``iters 0``, without its logged losses. The block then holds the dequantized weights
-    and its layers' input quantization, as after tuning."""
+                batch: int = 1, amp: bool = False, searched: list[str] = ()) -> dict[str, "QuantizedWeight"]:
+    """``iters 0``: every layer rounded to nearest, with no pass beyond what static activation scales and
+    the clipping search of the ``searched`` layers need (one over ``inputs``, before rounding, as
+    :func:`tune_block` calibrates and searches). The same codes and scales as :func:`tune_block` at
+    ``iters 0``, without its logged losses. The block then holds the dequantized weights and its layers'
+    input quantization, as after tuning."""
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
     contexts = act_quant.weight_contexts(weights, layers)  # NVFP4: fused shards share one global scale
     static = act_quant.calibrate(block, layers, inputs, block_kwargs or {}, batch, amp) if inputs is not None else {}
+    # installed before the search, as tune_block does: the search weighs the inputs the layers will see
+    act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
+    clips = _searched_clips(block, layers, weights, contexts, list(searched), inputs, block_kwargs or {}, batch, amp)
     out = {}
     for name, scheme in layers.items():
-        q, scales, zeros, extra = weight_rules.quantize_weight(weights[name], scheme, ctx=contexts[name])
+        clip = clips.get(name, 1.0)
+        q, scales, zeros, extra = weight_rules.quantize_weight(weights[name], scheme, 0.0, clip, clip, ctx=contexts[name])
         out[name] = QuantizedWeight(q, scales, zeros, scheme, {**extra, **static.get(name, {})})
         modules[name].weight.data = out[name].dequantize(weights[name].dtype)
-    act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
     return out
 
 

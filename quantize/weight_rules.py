@@ -46,6 +46,7 @@ def rule_name(scheme: Scheme) -> str:
 
 class _Int:
     tunes_min = True
+    search_grid = torch.linspace(0.3, 1.0, 29).tolist()
 
     @staticmethod
     def clip_shape(scheme, n, k):
@@ -66,6 +67,7 @@ class _Int:
 
 class _IntAbsmax:
     tunes_min = False
+    search_grid = None
 
     @staticmethod
     def clip_shape(scheme, n, k):
@@ -91,6 +93,9 @@ def _mx_fmt(scheme):
 
 class _MX:
     tunes_min = False
+    # The factor only matters through floor(log2(amax * factor)): one exponent down, the same, one up (which
+    # stops clipping the largest weights where amax / 2**e reaches past the element's maximum).
+    search_grid = (0.5, 1.0, 2.0)
 
     @staticmethod
     def clip_shape(scheme, n, k):
@@ -112,6 +117,9 @@ class _MX:
 
 class _NV:
     tunes_min = False
+    # The group scale is rounded to FP8 E4M3 after the factor: a factor a little above 1 can land nearer
+    # (AutoRound's optimized RTN searches 0.50-1.51 in steps of 0.01; E4M3's steps are 6-12%, so 0.02 is enough).
+    search_grid = [i / 50 for i in range(25, 76)]
 
     @staticmethod
     def clip_shape(scheme, n, k):
@@ -144,6 +152,7 @@ def fp8_layout(scheme: Scheme) -> str:
 
 class _FP8:
     tunes_min = False
+    search_grid = None
 
     @staticmethod
     def clip_shape(scheme, n, k):
@@ -193,3 +202,8 @@ def dequantize(q, scales, zeros, extra: dict, scheme: Scheme, dtype=torch.float3
 
 def clip_shape(scheme: Scheme, n: int, k: int) -> tuple[int, ...]:
     return rule(scheme).clip_shape(scheme, n, k)
+
+
+def search_grid(scheme: Scheme) -> list[float] | None:
+    """The clipping factors a grid search tries for this rule (per row group), or None: not searched."""
+    return rule(scheme).search_grid

@@ -95,24 +95,29 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
                 torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
 
 
-def test_clip_search_picks_the_grid_factor_with_least_weighted_error():
-    from quantize.numerics import fake_quantize, to_groups
-    from quantize.signround import CLIP_GRID, search_clip
+@pytest.mark.parametrize("name", ["W2A16G32", "NVFP4A16", "MXFP4A16"])
+def test_clip_search_picks_the_grid_factor_with_least_weighted_error(name):
+    from quantize import weight_rules
+    from quantize.scheme import get_scheme
+    from quantize.signround import search_clip
 
     torch.manual_seed(0)
-    scheme = Scheme(2, 32, True)
+    scheme = get_scheme(name)
     w = torch.randn(6, 64)
     w[:, 5] = 4.0  # an outlier in every row's first group
     importance = torch.rand(64) + 0.1
     clip = search_clip(w, scheme, importance)
-    assert clip.shape == (6, 2) and set(clip.unique().tolist()) <= set(torch.tensor(CLIP_GRID).tolist())
+    g = 64 // scheme.group_size
+    grid = weight_rules.search_grid(scheme)
+    assert clip.shape == (6, g) and set(clip.unique().tolist()) <= set(torch.tensor(grid).tolist())
 
     def error(factor: torch.Tensor) -> torch.Tensor:
-        diff = to_groups(w - fake_quantize(w, 2, 32, True, 0.0, factor, factor), 32)
-        return (to_groups(importance.expand_as(w), 32) * diff.square()).sum(-1)
+        diff = (w - weight_rules.fake_quantize(w, scheme, 0.0, factor, factor)).reshape(6, g, -1)
+        return (importance.reshape(1, g, -1) * diff.square()).sum(-1)
 
-    brute = torch.stack([error(torch.full((6, 2), r)) for r in CLIP_GRID]).min(0).values
+    brute = torch.stack([error(torch.full((6, g), r)) for r in grid]).min(0).values
     torch.testing.assert_close(error(clip), brute)
+    assert (error(clip) <= error(torch.ones(6, g))).all() and (error(clip) < error(torch.ones(6, g))).any()
 
 
 def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
@@ -120,6 +125,41 @@ def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
     cfg = TuneConfig(iters=10, nsamples=16, batch_size=4, init_clip=True)
     tuned = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
     assert tuned.loss_after < tuned.loss_before
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G32", "MXFP4A16", "NVFP4A16", "NVFP4"])
+def test_optimized_rtn_searches_each_groups_clipping(tiny_llama, scheme):
+    """iters 0 with init_clip (AutoRound's optimized RTN): round_block searches each group's clipping factor
+    on the calibration inputs' energy, with tune_block's iters-0 codes, and every layer's activation-weighted
+    rounding error is at most plain RTN's (below it in some group)."""
+    from quantize import weight_rules
+    from quantize.model import uses_amp
+    from quantize.scheme import get_scheme
+    from quantize.signround import _input_energy, round_block, searched_layers
+
+    model, _ = load_model(str(tiny_llama))
+    block = find_blocks(model).modules[0].float()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    x, kwargs = capture_block_inputs(model, find_blocks(model), ids, torch.device("cpu"), torch.float32)
+    layers = {n: get_scheme(scheme) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    cfg = TuneConfig(iters=0, nsamples=4, batch_size=2, init_clip=True)
+    assert searched_layers(cfg, layers) == list(layers) and searched_layers(TuneConfig(iters=0), layers) == []
+    amp = uses_amp(None, torch.device("cpu"))
+    energy = _input_energy(copy.deepcopy(block), list(layers), x, kwargs, 2, amp)
+    weights = {n: block.get_submodule(n).weight.detach().clone() for n in layers}
+    tuned = tune_block(copy.deepcopy(block), layers, x, x, kwargs, cfg, torch.Generator())
+    searched = round_block(copy.deepcopy(block), layers, x, kwargs, 2, amp, searched_layers(cfg, layers))
+    plain = round_block(copy.deepcopy(block), layers, x, kwargs, 2, amp)
+    improved = False
+    for name, w in weights.items():
+        assert torch.equal(tuned.weights[name].q, searched[name].q) and torch.equal(tuned.weights[name].scales, searched[name].scales)
+
+        def error(qw):
+            return (energy[name] * (w - qw.dequantize(torch.float32)).square()).sum()
+
+        assert error(searched[name]) <= error(plain[name]) * (1 + 1e-6), name
+        improved |= bool(error(searched[name]) < error(plain[name]) * (1 - 1e-3))
+    assert improved
 
 
 @pytest.mark.parametrize("scheme", ["W4A16G32", "W3A16G32", "MXFP4", "NVFP4A16", "INT8", "NVFP4", "FP8_STATIC"])
