@@ -85,6 +85,8 @@ def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False):
     # its "optimized RTN" scale search (minutes per block on a CPU).
     how = (dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme.integer_weight_only
            else dict(scheme=scheme.name))
+    if how.get("scheme", "").endswith("FP4A16"):  # AutoRound names these NVFP4 / MXFP4 with 16-bit activations
+        how.update(scheme=how["scheme"][: -len("A16")], act_bits=16)
     how["disable_opt_rtn"] = cfg.iters == 0 and not opt_rtn
     ar = AutoRound(
         model, tokenizer=tok, **how,

@@ -177,8 +177,16 @@ def quantize_model(
             if rounds_only:
                 weights = round_block(block, layers)
             elif calibrates_only:
-                weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched_layers(cfg, layers))
-                q_inputs = fp_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+                searched = searched_layers(cfg, layers)
+                if searched and not any(s.static_activations for s in layers.values()):
+                    # One pass: the search's pass leaves the unrounded block's outputs as the next block's
+                    # inputs, as AutoRound's importance matrix is gathered on the full-precision model.
+                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched, outputs=q_inputs)
+                else:
+                    # Static scales are calibrated on the quantized model's activations, as tuning does.
+                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched)
+                    q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
+                fp_inputs = q_inputs
                 _check_finite(q_inputs, f"after block {i}")
             else:
                 targets = _run_block(block, fp_inputs, kwargs, cfg.batch_size, amp, out=None if shared else fp_inputs, compiled=compiled)

@@ -185,10 +185,10 @@ def searched_layers(cfg: TuneConfig, layers: dict[str, Scheme]) -> list[str]:
     return []
 
 
-def _searched_clips(block, layers, weights, contexts, names, inputs, block_kwargs, batch, amp) -> dict[str, torch.Tensor]:
+def _searched_clips(block, layers, weights, contexts, names, inputs, block_kwargs, batch, amp, out=None) -> dict[str, torch.Tensor]:
     if not names:
         return {}
-    energy = _input_energy(block, names, inputs, block_kwargs, batch, amp)
+    energy = _input_energy(block, names, inputs, block_kwargs, batch, amp, out)
     # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
     return {n: search_clip(weights[n], layers[n], energy[n], contexts[n]) for n in names if n in energy}
 
@@ -274,19 +274,21 @@ def tune_block(
 
 @torch.no_grad()
 def round_block(block: nn.Module, layers: dict[str, Scheme], inputs: torch.Tensor | None = None, block_kwargs: dict | None = None,
-                batch: int = 1, amp: bool = False, searched: list[str] = ()) -> dict[str, "QuantizedWeight"]:
+                batch: int = 1, amp: bool = False, searched: list[str] = (), outputs: torch.Tensor | None = None
+                ) -> dict[str, "QuantizedWeight"]:
     """``iters 0``: every layer rounded to nearest, with no pass beyond what static activation scales and
     the clipping search of the ``searched`` layers need (one over ``inputs``, before rounding, as
     :func:`tune_block` calibrates and searches). The same codes and scales as :func:`tune_block` at
     ``iters 0``, without its logged losses. The block then holds the dequantized weights and its layers'
-    input quantization, as after tuning."""
+    input quantization, as after tuning. ``outputs`` (with ``searched``) receives the unrounded block's
+    outputs from the search pass."""
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
     contexts = act_quant.weight_contexts(weights, layers)  # NVFP4: fused shards share one global scale
     static = act_quant.calibrate(block, layers, inputs, block_kwargs or {}, batch, amp) if inputs is not None else {}
     # installed before the search, as tune_block does: the search weighs the inputs the layers will see
     act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
-    clips = _searched_clips(block, layers, weights, contexts, list(searched), inputs, block_kwargs or {}, batch, amp)
+    clips = _searched_clips(block, layers, weights, contexts, list(searched), inputs, block_kwargs or {}, batch, amp, outputs)
     out = {}
     for name, scheme in layers.items():
         clip = clips.get(name, 1.0)
@@ -297,8 +299,9 @@ def round_block(block: nn.Module, layers: dict[str, Scheme], inputs: torch.Tenso
 
 
 @torch.no_grad()
-def _input_energy(block, layers, inputs, block_kwargs, batch: int, amp: bool) -> dict[str, torch.Tensor]:
-    """Mean squared input activation per input channel ``[K]`` of each layer, over all of ``inputs``."""
+def _input_energy(block, layers, inputs, block_kwargs, batch: int, amp: bool, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Mean squared input activation per input channel ``[K]`` of each layer, over all of ``inputs``; the
+    block's outputs go to ``out`` when given (which may be ``inputs``: each batch is consumed first)."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -310,8 +313,10 @@ def _input_energy(block, layers, inputs, block_kwargs, batch: int, amp: bool) ->
     handles = [block.get_submodule(name).register_forward_hook(hook(name)) for name in layers]
     try:
         with _autocast(inputs.device, amp):
-            for x in inputs.split(batch):
-                block(x, **block_kwargs)
+            for i, x in enumerate(inputs.split(batch)):
+                y = block(x, **block_kwargs)
+                if out is not None:
+                    out[i * batch : i * batch + len(x)].copy_(block_output(y))
     finally:
         for h in handles:
             h.remove()

@@ -188,3 +188,25 @@ def test_round_block_equals_tune_block_at_iters_0(tiny_llama, scheme):
         assert torch.equal(tuned_block.get_submodule(name).weight, rounded_block.get_submodule(name).weight)
         probe = torch.randn(3, tuned_block.get_submodule(name).in_features)
         assert torch.equal(tuned_block.get_submodule(name)(probe), rounded_block.get_submodule(name)(probe)), name
+
+
+@pytest.mark.parametrize("scheme", ["W4A16G32", "NVFP4"])
+def test_optimized_rtn_runs_through_the_quantizer(tiny_llama, scheme):
+    """A whole model at iters 0 with init_clip: weight-only schemes search in one pass per block (its outputs
+    feed the next block), NVFP4 calibrates on the quantized model as before; the codes move off plain RTN's."""
+    from quantize.layer_config import plan_layers
+    from quantize.quantizer import quantize_model
+    from quantize.scheme import get_scheme
+
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for search in (None, True):
+        model, _ = load_model(str(tiny_llama))
+        blocks = find_blocks(model)
+        plan = plan_layers(model, blocks.prefix, get_scheme(scheme))
+        cfg = TuneConfig(iters=0, nsamples=4, seqlen=32, batch_size=2, init_clip=search)
+        runs[search] = quantize_model(model, blocks, plan, ids, cfg, torch.device("cpu"), progress=False)
+    assert "optimized RTN" in runs[True].tune.describe() and "optimized" not in runs[None].tune.describe()
+    assert runs[True].calibrated and runs[True].weights.keys() == runs[None].weights.keys()
+    moved = [n for n, w in runs[True].weights.items() if not torch.equal(w.scales, runs[None].weights[n].scales)]
+    assert moved
