@@ -21,7 +21,7 @@ from torch.func import functional_call
 from quantize import act_quant, distributed, fp8_grads, weight_rules
 from quantize.model import UserError, block_output, uses_amp
 from quantize.moe import UnfusedExperts
-from quantize.numerics import dequantize, fake_quantize, to_groups
+from quantize.numerics import dequantize
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
 

@@ -132,7 +132,6 @@ def test_optimized_rtn_searches_each_groups_clipping(tiny_llama, scheme):
     """iters 0 with init_clip (AutoRound's optimized RTN): round_block searches each group's clipping factor
     on the calibration inputs' energy, with tune_block's iters-0 codes, and every layer's activation-weighted
     rounding error is at most plain RTN's (below it in some group)."""
-    from quantize import weight_rules
     from quantize.model import uses_amp
     from quantize.scheme import get_scheme
     from quantize.signround import _input_energy, round_block, searched_layers
