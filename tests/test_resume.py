@@ -67,7 +67,9 @@ def test_kill_9_then_rerun_gives_the_same_bytes(model, uninterrupted, tmp_path):
     rerun = _run(_command(model, out))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed_at = int(rerun.stderr.split("resuming from block ")[1].split("/")[0])
-    assert 2 < resumed_at <= BLOCKS, rerun.stderr[-2000:]
+    # Block 2 (1-based) is saved; the activations after it only if writing them is cheap next to the time
+    # since the last ones (ResumeState.CARRY_PACE): on a loaded machine the rerun tunes block 2 again.
+    assert 2 <= resumed_at <= BLOCKS, rerun.stderr[-2000:]
     assert _files(out) == uninterrupted
     assert not resume.exists()
 
