@@ -55,11 +55,11 @@ def plan_layers(
     layer_config = layer_config or {}
     ignore = ignore or []
     plan = LayerPlan()
-    from quantize.moe import UnfusedExperts, moe_keep
+    from quantize.moe import has_routed_experts, moe_keep
 
     from quantize.vlm import cross_attention_keep, kept_towers
 
-    moe = any(isinstance(m, UnfusedExperts) for m in model.modules())
+    moe = has_routed_experts(model)
     special = cross_attention_keep(model, block_prefix)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_tied = head is not None and head.weight is model.get_input_embeddings().weight

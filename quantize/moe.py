@@ -156,6 +156,11 @@ def moe_keep(name: str, module: nn.Module) -> str | None:
     return None
 
 
+def has_routed_experts(module: nn.Module) -> bool:
+    """Whether ``module`` (a block, a model) holds a MoE layer's unfused experts."""
+    return any(isinstance(m, UnfusedExperts) for m in module.modules())
+
+
 def reset_routed(block: nn.Module) -> None:
     for m in block.modules():
         if isinstance(m, UnfusedExperts):

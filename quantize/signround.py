@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from quantize import act_quant, distributed, fp8_grads, weight_rules
 from quantize.model import UserError, block_output, uses_amp
-from quantize.moe import UnfusedExperts
+from quantize.moe import has_routed_experts
 from quantize.numerics import dequantize
 from quantize.presets import TuneConfig
 from quantize.scheme import Scheme
@@ -42,7 +42,7 @@ def compiles(cfg: TuneConfig, device: torch.device, block: nn.Module, block_weig
     break the graph at every expert and recompile for every token count."""
     if cfg.compile is not None:
         return cfg.compile
-    if any(isinstance(m, UnfusedExperts) for m in block.modules()):
+    if has_routed_experts(block):
         return False
     return device.type == "cuda" and cfg.iters > 0 and block_weights >= COMPILE_MIN_WEIGHTS
 
@@ -52,7 +52,7 @@ def settle_compile(cfg: TuneConfig, device: torch.device, blocks: list[nn.Module
     block of a shape, so it pays once the run has enough steps to share its cost (never for routed experts)."""
     if cfg.compile is not None or device.type != "cpu":
         return cfg
-    routed = any(isinstance(m, UnfusedExperts) for block in blocks for m in block.modules())
+    routed = any(has_routed_experts(block) for block in blocks)
     return replace(cfg, compile=not routed and cfg.iters * len(blocks) >= CPU_COMPILE_MIN_STEPS)
 
 
