@@ -62,21 +62,25 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         gate_name, up_name, down_name = self.names
         out = torch.zeros_like(hidden_states)
+        tokens, top_k = top_k_index.shape
         with torch.no_grad():
-            counts = torch.bincount(top_k_index.reshape(-1).clamp(max=self.num_experts), minlength=self.num_experts + 1)
-            self.routed = counts[: self.num_experts] if self.routed is None else self.routed + counts[: self.num_experts]
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-        for e in hit:
-            e = int(e[0])
-            if e == self.num_experts:
+            # (token, slot) pairs sorted by expert, then slot, then token (transformers' loop order); one
+            # host sync for all experts' counts, where a loop of torch.where syncs once per expert.
+            picked = top_k_index.clamp(max=self.num_experts).t().reshape(-1)
+            order = torch.argsort(picked * (tokens * top_k) + torch.arange(tokens * top_k, device=picked.device))
+            counts = torch.bincount(picked, minlength=self.num_experts + 1)[: self.num_experts]
+            self.routed = counts if self.routed is None else self.routed + counts
+            pos, token = order // tokens, order % tokens
+            starts = [0, *torch.cumsum(counts, 0).tolist()]
+        for e in range(self.num_experts):
+            if starts[e + 1] == starts[e]:
                 continue
             expert = self.expert(e)
-            pos, token = torch.where(mask[e])
-            x = hidden_states[token]
+            t, p = token[starts[e] : starts[e + 1]], pos[starts[e] : starts[e + 1]]
+            x = hidden_states[t]
             h = self.act_fn(getattr(expert, gate_name)(x)) * getattr(expert, up_name)(x)
-            h = getattr(expert, down_name)(h) * top_k_weights[token, pos, None]
-            out.index_add_(0, token, h.to(out.dtype))
+            h = getattr(expert, down_name)(h) * top_k_weights[t, p, None]
+            out.index_add_(0, t, h.to(out.dtype))
         return out
 
 
