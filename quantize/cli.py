@@ -130,6 +130,10 @@ def quantize_parser() -> argparse.ArgumentParser:
     t.add_argument("--fp8-grads", action="store_true", default=None, help="backward products in float8 on GPUs with float8 tensor cores (H100/H200/Ada): the descent reads only gradient signs; about 5%% faster tuning of 7B-sized blocks, perplexity within noise but 0.4%% worse on average in our runs")
     t.add_argument("--gpus", type=int, default=1, help="tune on N GPUs of this machine, each process taking its share of every batch (same result as one GPU within float rounding; --batch_size must split evenly); same as starting the command with torchrun --nproc-per-node N")
     t.add_argument("--dataset", default=None, help="calibration: a .txt/.jsonl file, 'bundled', or a hub dataset id (default: NeelNanda/pile-10k when the hub is reachable, else bundled)")
+    t.add_argument("--calib-images", "--calib_images", dest="calib_images", type=Path, default=None, metavar="FILE.jsonl",
+                   help="vision-language models: calibrate on image-text pairs, one JSON line each: "
+                   '{"image": "path/to/img.jpg", "text": "..."} (paths relative to the file); the model\'s processor builds the '
+                   "prompts, images are resized to the first one's size. Default: text-only calibration")
     o = p.add_argument_group("output")
     o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
     o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
@@ -277,6 +281,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     hf_default = not builtin and not hub.use_modelscope() and hub.huggingface_reachable()
     dataset = args.dataset or (HUB_DEFAULT if hf_default else BUNDLED)
     check_source(dataset)
+    if args.calib_images:
+        from quantize.calib_images import read_records
+
+        read_records(args.calib_images)  # a bad file is refused before the model loads
     evaluate = (args.evaluate if args.evaluate is not None else builtin) and team.leader
     progress = not args.quiet and team.leader
 
@@ -290,16 +298,20 @@ def run_quantize(args: argparse.Namespace) -> int:
               f"{'sym' if scheme.sym else 'asym'}, {acts}")
     print(f"tuning     preset {preset}: {cfg.describe()}")
     why_bundled = "ModelScope: --dataset ID loads one of its datasets" if hub.use_modelscope() else "hub not reachable"
-    print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
+    if not args.calib_images:
+        print(f"calib      {dataset}" + (f"  ({why_bundled}: bundled public-domain text)" if args.dataset is None and not builtin and dataset == BUNDLED else ""))
     print(f"device     {device}: {describe_compute(device, uses_amp(cfg.amp, device))}")
     stream, why_stream = (args.stream, "--stream") if args.stream is not None else should_stream(model_spec)
     if stream and args.stream is None:
-        held = "--schemes" if auto else next((f.label for f in formats if not streams(f)), None)
+        held = "--schemes" if auto else "--calib-images" if args.calib_images else next((f.label for f in formats if not streams(f)), None)
         if held:  # chosen by size alone: a run that needs the model whole loads it, and says so
             print(f"note: {why_stream}, but {held} needs the whole model in memory: not streaming", file=sys.stderr)
             stream = False
     streamer = None
     if stream:
+        if args.calib_images:
+            raise UserError("--calib-images runs the vision tower, which a streamed run does not load: drop --stream "
+                            "(or --calib-images), or quantize on a machine with room for the model")
         if auto:
             raise UserError("AutoScheme (--schemes) scores the whole model in memory and cannot stream: drop --stream, or "
                             "run AutoScheme on a machine with room for the model and pass its plan with --layer_config")
@@ -339,7 +351,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         print(f"perplexity before: {ppl_before:.3f} ({eval_windows or 'all'} windows of {EVAL_SEQLEN} tokens)")
         model.to("cpu", orig_dtype)
 
-    calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    if args.calib_images:
+        from quantize.calib_images import check_model, image_calibration, load_processor
+
+        check_model(model)
+        processor = load_processor(getattr(model.config, "_name_or_path", None))
+        calib = image_calibration(args.calib_images, processor, cfg.nsamples, cfg.seqlen, cfg.seed)
+        print(f"calib      {args.calib_images}: {cfg.nsamples} image-text samples of {cfg.seqlen} tokens")
+    else:
+        calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     resume_folder = resume_dir(output_dir)
     from quantize.moe import reset_routed, unrouted_experts
 

@@ -159,11 +159,13 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: Blocks, ids: torch.Tensor, device: torch.device, dtype: torch.dtype
+    model: nn.Module, blocks: Blocks, ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
+    inputs: list[dict] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Hidden states entering the first block for every calibration sample, ``[n, seqlen, hidden]`` on
     ``device``, and the keyword arguments the model passes to its blocks (attention mask, position ids
-    and embeddings), captured once: every sample has the same length, so they are shared."""
+    and embeddings), captured once: every sample has the same length, so they are shared. ``inputs``:
+    each sample's further model inputs (its image: quantize.calib_images), which lay out every sample alike."""
     captured: list[torch.Tensor] = []
     block_kwargs: dict = {}
 
@@ -174,18 +176,19 @@ def capture_block_inputs(
             block_kwargs.update({k: v for k, v in kwargs.items() if k not in ("hidden_states",)})
         raise _StopForward
 
-    home = next(t for _, t in _non_block_tensors(model, blocks)).device
+    home = next(t for _, t in _non_block_tensors(model, blocks))
     _move_non_block(model, blocks, device)
     handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for row in ids:
+        for i, row in enumerate(ids):
+            extra = _to(inputs[i], device, home.dtype) if inputs else {}
             try:
-                model(row.unsqueeze(0).to(device), use_cache=False)
+                model(row.unsqueeze(0).to(device), use_cache=False, **extra)
             except _StopForward:
                 pass
     finally:
         handle.remove()
-        _move_non_block(model, blocks, home)
+        _move_non_block(model, blocks, home.device)
     block_kwargs.pop("past_key_values", None)
     block_kwargs.pop("past_key_value", None)
     block_kwargs["use_cache"] = False
@@ -221,7 +224,7 @@ def block_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def per_block_kwargs(model: nn.Module, blocks: Blocks, shared: dict, sample: torch.Tensor, device: torch.device,
-                     dtype: torch.dtype) -> list[dict]:
+                     dtype: torch.dtype, sample_inputs: dict | None = None) -> list[dict]:
     """The keyword arguments each block gets, where they differ between blocks: models whose layers have
     types (``config.layer_types``: Gemma 2/3 sliding and full attention, with their own masks and, in
     Gemma 3, their own rotary tables) pass each type its own. ``shared`` (block 0's, from
@@ -249,13 +252,13 @@ def per_block_kwargs(model: nn.Module, blocks: Blocks, shared: dict, sample: tor
             return hidden_states
         return forward
 
-    home = next(t for _, t in _non_block_tensors(model, blocks)).device
+    home = next(t for _, t in _non_block_tensors(model, blocks))
     _move_non_block(model, blocks, device)
     saved = [block.__dict__.get("forward") for block in blocks.modules]  # e.g. quantize.vlm's pass-through
     for i, block in enumerate(blocks.modules):
         block.forward = stub(i)
     try:
-        model(sample.reshape(1, -1).to(device), use_cache=False)
+        model(sample.reshape(1, -1).to(device), use_cache=False, **_to(sample_inputs or {}, device, home.dtype))
     except _StopForward:
         pass
     finally:
@@ -263,7 +266,7 @@ def per_block_kwargs(model: nn.Module, blocks: Blocks, shared: dict, sample: tor
             del block.forward
             if forward is not None:
                 block.forward = forward
-        _move_non_block(model, blocks, home)
+        _move_non_block(model, blocks, home.device)
     if len(captured) != len(wanted):
         raise UserError(f"could not capture the block arguments of every layer type ({sorted(wanted)}) of {type(model).__name__}")
     by_type = {types[0]: shared}

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantize import distributed
+from quantize.calib_images import ImageCalibration
 from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
@@ -94,7 +95,7 @@ def quantize_model(
     model: nn.Module,
     blocks: Blocks,
     plan: LayerPlan,
-    calib_ids: torch.Tensor,
+    calib_ids: torch.Tensor | ImageCalibration,
     cfg: TuneConfig,
     device: torch.device,
     progress: bool = True,
@@ -105,6 +106,8 @@ def quantize_model(
     """Quantize ``plan.quantize`` in place: on return those layers hold their dequantized weights (the
     model computes exactly what a loaded checkpoint will) and the result holds their integer form.
 
+    ``calib_ids``: calibration token ids ``[n, seqlen]``, or an image-text calibration (quantize.calib_images).
+
     ``resume_folder``: keep resume state there (quantize.resume) and continue a run it holds;
     ``overwrite`` discards that state instead. ``streamer`` (quantize.streaming): the blocks' weights are read
     just before each block is tuned and freed after; the tuned layers are left in the resume folder, which
@@ -112,6 +115,8 @@ def quantize_model(
     if streamer is not None and resume_folder is None:
         raise ValueError("a streamed run keeps its tuned layers in the resume folder: pass resume_folder")
     start = time.time()
+    calib_images = calib_ids if isinstance(calib_ids, ImageCalibration) else None
+    calib_ids = calib_images.ids if calib_images else calib_ids
     model_dtype = next(blocks.modules.parameters()).dtype
     dtype = compute_dtype(device, model_dtype)
     amp = uses_amp(cfg.amp, device)
@@ -123,7 +128,8 @@ def quantize_model(
         # The leader keeps the resume state; the others read it when resuming.
         if team.leader:
             settings = run_settings(plan, cfg, device, model_dtype, len(blocks.modules))
-            inputs = streamer.fingerprint(calib_ids) if streamer else fingerprint(model, calib_ids)
+            key = calib_ids if calib_images is None else calib_images.key()
+            inputs = streamer.fingerprint(key) if streamer else fingerprint(model, key)
             state, resumed = open_resume(resume_folder, settings, inputs, overwrite)
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
@@ -136,8 +142,9 @@ def quantize_model(
     if rounds_only:
         fp_inputs, block_kwargs = torch.empty(0, device=device), [{}] * len(blocks.modules)
     else:
-        fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype)
-        block_kwargs = per_block_kwargs(model, blocks, kwargs, calib_ids[0], device, dtype)  # per layer type (Gemma 3)
+        images = calib_images.inputs if calib_images else None
+        fp_inputs, kwargs = capture_block_inputs(model, blocks, calib_ids, device, dtype, images)
+        block_kwargs = per_block_kwargs(model, blocks, kwargs, calib_ids[0], device, dtype, images and images[0])  # per layer type (Gemma 3)
         _check_finite(fp_inputs, "entering the first block")
     q_inputs = fp_inputs
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -173,3 +173,109 @@ def test_layer_types_get_their_own_block_arguments(tmp_path):
             h = block(h, **per_block[i])
             torch.testing.assert_close(h, outputs[i])
         assert not torch.allclose(wrong, h)  # block 1 with block 0's mask and rotary table
+
+
+def llava_with_processor(path):
+    """A tiny Llava with a processor that runs without torchvision (PIL image processor, ``<image>`` token)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    build("llava", path)
+    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tok.convert_tokens_to_ids("<image>") == 8192
+    config = json.loads((path / "config.json").read_text())
+    config["image_token_id"] = 8192  # the tokenizer's; the tiny model's vocabulary covers it
+    config["text_config"]["vocab_size"] = config["vocab_size"] = 8200
+    (path / "config.json").write_text(json.dumps(config))
+    model = AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    image = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                                image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    return path
+
+
+def image_records(folder, n=6):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        pixels = torch.randint(0, 256, (40 + 8 * i, 48, 3), generator=gen, dtype=torch.uint8)  # sizes differ: resized
+        Image.fromarray(pixels.numpy()).save(folder / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "text": f"Picture number {i} shows a field of grain at dusk."}))
+    (folder / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "calib.jsonl"
+
+
+def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path):
+    """Each sample is its record's image and text through the model's processor, filled to --seqlen with
+    text; the first block sees the vision tower's features at the image tokens (text-only calibration
+    would see the embedding of the placeholder token there)."""
+    from quantize.calib_images import image_calibration, load_processor
+    from quantize.model import capture_block_inputs
+
+    src = llava_with_processor(tmp_path / "src")
+    jsonl = image_records(tmp_path / "data")
+    calib = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0)
+    assert calib.ids.shape == (4, 40) and len(calib.inputs) == 4
+    image_tokens = calib.ids == 8192
+    assert torch.equal(image_tokens, image_tokens[:1].expand(4, -1)) and image_tokens.sum(1).eq(16).all()  # (32/8)^2 patches
+    assert all(tuple(s["pixel_values"].shape) == (1, 3, 32, 32) for s in calib.inputs)
+    model, _ = load_model(str(src))
+    blocks = find_blocks(model)
+    with_images, _ = capture_block_inputs(model, blocks, calib.ids, torch.device("cpu"), torch.float32, calib.inputs)
+    text_only, _ = capture_block_inputs(model, blocks, calib.ids, torch.device("cpu"), torch.float32)
+    assert not torch.equal(with_images[image_tokens], text_only[image_tokens])
+    assert torch.equal(with_images[~image_tokens], text_only[~image_tokens])
+    # the resume fingerprint sees the images, not only the ids
+    other = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0)
+    other.inputs[0]["pixel_values"] = other.inputs[0]["pixel_values"] + 1
+    assert not torch.equal(calib.key(), other.key())
+
+
+def test_cli_quantizes_a_vlm_on_image_text_pairs(tmp_path, capsys):
+    from quantize.cli import main
+
+    src = llava_with_processor(tmp_path / "src")
+    jsonl = image_records(tmp_path / "data")
+    out = tmp_path / "q"
+    code = main([str(src), "--calib-images", str(jsonl), "--iters", "2", "--nsamples", "4", "--seqlen", "40",
+                 "--batch_size", "2", "--group_size", "32", "--output_dir", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert "image-text samples" in capsys.readouterr().out
+    loaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert any(isinstance(m, QuantLinear) for m in loaded.modules())
+    assert transformers.AutoProcessor.from_pretrained(out) is not None
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing file", "no such file"),
+    ("bad line", "line 2: not JSON"),
+    ("missing image", "does not exist"),
+    ("too few records", "fewer than the 4 samples"),
+    ("text model", "no vision tower"),
+    ("cross-attention model", "cross-attention"),
+])
+def test_image_calibration_bad_input(tmp_path, tiny_llama, capsys, case, message):
+    from quantize.cli import main
+
+    src = tmp_path / "src"
+    if case == "cross-attention model":
+        build("mllama", src)
+    elif case != "text model":
+        llava_with_processor(src)
+    jsonl = image_records(tmp_path / "data", n=3 if case == "too few records" else 4)
+    if case == "missing file":
+        jsonl = tmp_path / "none.jsonl"
+    elif case == "bad line":
+        jsonl.write_text(jsonl.read_text().replace("\n", "\n{oops\n", 1))
+    elif case == "missing image":
+        (jsonl.parent / "img2.png").unlink()
+    model = str(tiny_llama) if case == "text model" else str(src)
+    code = main([model, "--calib-images", str(jsonl), "--iters", "0", "--nsamples", "4", "--seqlen", "40", "--batch_size", "2",
+                 "--group_size", "32", "--output_dir", str(tmp_path / "q"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err, err
+    assert "Traceback" not in err
