@@ -1,5 +1,6 @@
 """The "auto-round" quantization config for SGLang: parses the checkpoint's ``quantization_config`` with
-the project's own validator and hands each linear layer its scheme. Imported only inside SGLang."""
+the project's own validator and hands each linear layer, and each MoE layer's experts, its scheme.
+Imported only inside SGLang."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 from sglang.srt.layers.linear import LinearBase
+from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 from sglang.srt.layers.quantization.base_config import QuantizationConfig
 from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
@@ -14,6 +16,7 @@ from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead
 from quantize.checkpoint import CheckpointConfig
 from quantize.export.fused import FUSED
 from quantize.integrations.packed_linear import CheckpointConfigMethods, merged_scheme, refuse_quantized_lm_head
+from quantize.integrations.packed_moe import experts_scheme
 from quantize.integrations.sglang.linear import AutoRoundLinearMethod
 
 
@@ -44,6 +47,12 @@ class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, ParallelLMHead):
             refuse_quantized_lm_head(self.checkpoint, prefix, "SGLang")
+        if isinstance(layer, FusedMoE):  # MoE experts: per-expert tensors (integrations/sglang/moe.py)
+            from quantize.integrations.sglang.moe import AutoRoundMoEMethod
+
+            routed = layer.num_experts - getattr(layer, "num_fused_shared_experts", 0)
+            scheme = experts_scheme(self.checkpoint, prefix, routed, "SGLang")
+            return AutoRoundMoEMethod(scheme, self.checkpoint.layout, prefix, self.kernel)
         if not isinstance(layer, LinearBase):
             return None  # embeddings and the lm_head stay as SGLang builds them
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "SGLang")

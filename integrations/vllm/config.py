@@ -43,10 +43,11 @@ class AutoRoundVllmConfig(CheckpointConfigMethods, QuantizationConfig):
         if isinstance(layer, ParallelLMHead):
             refuse_quantized_lm_head(self.checkpoint, prefix, "vLLM")
         if not isinstance(layer, LinearBase):
-            from quantize.integrations.vllm.moe import MOE_LAYER, AutoRoundMoEMethod, experts_scheme
+            from quantize.integrations.packed_moe import experts_scheme
+            from quantize.integrations.vllm.moe import MOE_LAYER, AutoRoundMoEMethod
 
             if isinstance(layer, MOE_LAYER):  # MoE experts: per-expert tensors (integrations/vllm/moe.py)
-                scheme = experts_scheme(self.checkpoint, prefix, layer.global_num_experts)
+                scheme = experts_scheme(self.checkpoint, prefix, layer.global_num_experts, "vLLM")
                 return AutoRoundMoEMethod(layer.moe_config, scheme, self.checkpoint.layout, prefix, self.kernel)
             return None  # embeddings and the lm_head stay as vLLM builds them
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")

@@ -1,0 +1,116 @@
+"""What the vLLM and SGLang MoE methods share: per-expert auto_round tensors in an engine's fused-experts layer.
+
+Both engines build a MoE layer as one module holding every expert's gate+up (``w13``) and down (``w2``)
+projections as 3-D parameters, and both loaders map the checkpoint's per-expert names
+(``...experts.{e}.gate_proj.qweight``, Mixtral's ``w1``/``w3``/``w2``) onto them shard by shard, reading
+``quant_method: group`` and ``is_transposed`` off each parameter. So, like the engines' own GPTQ MoE
+methods, :func:`expert_parameters` registers ``w13_qweight`` / ``w13_qzeros`` / ``w13_scales`` and ``w2_*``
+with one slot per expert in the checkpoint's packing (the output dimension last), which the loaders fill
+unchanged for every layout this project writes (gptq, awq, native) and bits 2/3/4/8.
+
+Compute: after loading, each projection gets the quantize.kernels kernel a linear layer of its shape would
+get, with its working tensors prepared per expert (:func:`prepare_experts`); :func:`experts_forward` runs
+the routed tokens expert by expert (only experts with tokens). The experts stay packed in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantize.checkpoint import CheckpointConfig, ConfigError
+from quantize.kernels import LinearSpec, select_kernel
+from quantize.packing import packed_shapes
+from quantize.scheme import Scheme
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
+TENSORS = ("qweight", "qzeros", "scales")
+
+
+def experts_scheme(config: CheckpointConfig, prefix: str, num_experts: int, engine: str) -> Scheme:
+    """The one scheme every expert projection of MoE layer ``prefix`` has; refused otherwise (the engine
+    holds a layer's experts in one tensor, so they cannot differ, nor be partly 16-bit)."""
+    schemes = {}
+    for e in range(num_experts):
+        for p in PROJECTIONS:
+            schemes[f"{prefix}.{e}.{p}"] = config.layer_scheme(f"{prefix}.{e}.{p}")
+    kept = sorted(n for n, s in schemes.items() if s is None)
+    if kept:
+        raise ConfigError(
+            f"MoE layer {prefix}: expert layers {kept[:3]}{'...' if len(kept) > 3 else ''} are stored 16-bit while others "
+            f"are quantized; {engine} holds a layer's experts in one tensor: quantize all experts of a layer, or none"
+        )
+    distinct = set(schemes.values())
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"MoE layer {prefix}: its experts are quantized with different schemes ({', '.join(sorted(s.name for s in distinct))}); "
+            f"{engine} holds a layer's experts in one tensor: re-quantize them with one scheme"
+        )
+    return distinct.pop()
+
+
+def expert_parameters(scheme: Scheme, layout: str, prefix: str, num_experts: int, hidden: int, inter: int,
+                      tp_size: int) -> dict[str, torch.nn.Parameter]:
+    """Empty ``w13_*`` / ``w2_*`` parameters for ``num_experts`` experts of this rank (``inter`` columns each)."""
+    s = scheme
+    if s.group_size != -1 and (hidden % s.group_size or inter % s.group_size):
+        raise ConfigError(f"MoE layer {prefix}: group_size {s.group_size} does not divide its inputs "
+                          f"(hidden {hidden}, intermediate {inter} per rank): try a smaller tensor-parallel size")
+    if (inter * s.bits) % 32 or (hidden * s.bits) % 32:
+        raise ConfigError(f"MoE layer {prefix}: {inter} intermediate columns x {s.bits} bits do not fill whole 32-bit words")
+    if s.group_size == -1 and tp_size > 1:
+        raise ConfigError(f"MoE layer {prefix}: per-channel (group_size -1) experts are served at tensor-parallel size 1 only")
+    params = {}
+    for stem, k, n in (("w13", hidden, 2 * inter), ("w2", inter, hidden)):
+        groups = 1 if s.group_size == -1 else k // s.group_size
+        for t, shape in packed_shapes(layout, s.bits, k, n, groups).items():
+            dtype = torch.float16 if t == "scales" else torch.int32
+            params[f"{stem}_{t}"] = torch.nn.Parameter(torch.empty(num_experts, *shape, dtype=dtype), requires_grad=False)
+    return params
+
+
+def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int, dtype: torch.dtype,
+                    kernel: str | None = None) -> None:
+    """One quantize.kernels kernel per projection, its working tensors per expert (prepared once), as
+    ``layer.moe_kernels``; ``kernel`` forces one, as for the linear layers."""
+    layer.moe_kernels = {}
+    layer.moe_dtype = dtype
+    for stem, (k, n) in {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}.items():
+        spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n, dtype)
+        packed = {t: getattr(layer, f"{stem}_{t}").data for t in TENSORS}
+        chosen = select_kernel(spec, packed["qweight"].device, kernel)
+        states = []
+        for e in range(packed["qweight"].shape[0]):
+            state = {t: v[e] for t, v in packed.items()}
+            state.update(chosen.prepare(spec, state["qweight"], state["qzeros"], state["scales"]))
+            states.append(state)
+        layer.moe_kernels[stem] = (chosen, spec, states)
+
+
+def check_activation(activation, prefix: str, router_weight_on_input: bool) -> None:
+    if router_weight_on_input:
+        raise ConfigError(f"MoE layer {prefix}: router weights applied on the input (Llama 4) are not served yet")
+    act = str(activation or "silu").lower()
+    if "silu" not in act:
+        raise ConfigError(f"MoE layer {prefix}: activation {act} is not served yet (SiLU-gated experts only)")
+
+
+def experts_forward(layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    expert_map: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over each token's routed experts of ``weight * down(silu(gate(x)) * up(x))``, in float32, returned
+    in ``x``'s dtype. ``expert_map``: global -> local expert ids (-1: another rank's expert)."""
+    (k13, spec13, s13), (k2, spec2, s2) = layer.moe_kernels["w13"], layer.moe_kernels["w2"]
+    inter = spec2.in_features
+    out = torch.zeros(x.shape[0], spec2.out_features, dtype=torch.float32, device=x.device)
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map[ids].long()
+    xs = x.to(layer.moe_dtype)
+    for e in torch.unique(ids).tolist():
+        if e < 0:
+            continue
+        token, slot = torch.where(ids == e)
+        h = k13.apply(spec13, s13[e], xs[token], None)
+        h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        h = k2.apply(spec2, s2[e], h, None).float() * topk_weights[token, slot, None].float()
+        out.index_add_(0, token, h)
+    return out.to(x.dtype)
