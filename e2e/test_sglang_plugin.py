@@ -230,12 +230,14 @@ ar.quantize_and_save(out, format="auto_round")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A uniform W4 sym (gptq layout) and a mixed checkpoint (W3 asym native layout, an 8-bit block, a
-    16-bit down_proj), quantized by the CLI from one tiny Llama, and Intel's W4 asym of the same model."""
+    """A uniform W4 sym (gptq layout), a mixed checkpoint (W3 asym native layout, an 8-bit block, a 16-bit
+    down_proj), NVFP4 (static FP4 activations) and MXFP8, quantized by the CLI from one tiny Llama, and
+    Intel's W4 asym of the same model."""
     root = tmp_path_factory.mktemp("sglang")
     model = build_tiny_llama(root / "model", hidden=128, intermediate=256, layers=2)
     mixed = {"layers.1.": {"bits": 8, "group_size": 32}, "layers.0.mlp.down_proj": {"bits": 16}}
-    runs = {"w4": ["--scheme", "W4A16G32"], "mixed": ["--scheme", "W3A16G32", "--asym", "--layer_config", json.dumps(mixed)]}
+    runs = {"w4": ["--scheme", "W4A16G32"], "mixed": ["--scheme", "W3A16G32", "--asym", "--layer_config", json.dumps(mixed)],
+            "nvfp4": ["--scheme", "NVFP4"], "mxfp8": ["--scheme", "MXFP8"]}
     for name, args in runs.items():
         subprocess.run([sys.executable, "-m", "quantize", str(model), *args, "--iters", "0", "--nsamples", "2", "--batch_size", "2", "--seqlen", "32",
                         "--dataset", str(CALIB), "--no-eval", "--quiet", "--output_dir", str(root / name)],
@@ -249,7 +251,7 @@ def checkpoints(tmp_path_factory):
     return found
 
 
-@pytest.mark.parametrize("name", ["w4", "mixed", "intel"])
+@pytest.mark.parametrize("name", ["w4", "mixed", "intel", "nvfp4", "mxfp8"])
 def test_sglang_loads_checkpoints_through_the_entry_point(checkpoints, name):
     from transformers import AutoModelForCausalLM
 
@@ -268,8 +270,9 @@ def test_sglang_loads_checkpoints_through_the_entry_point(checkpoints, name):
         x = torch.tensor(got["x"])
         with torch.no_grad():
             expected = torch.cat([modules[f"{parent}.{p}"](x) for p in parts], dim=-1)
-        quantized = type(modules[f"{parent}.{parts[0]}"]).__name__ == "QuantLinear"
-        assert got["method"] == ("AutoRoundLinearMethod" if quantized else "UnquantizedLinearMethod"), layer_name
+        kind = type(modules[f"{parent}.{parts[0]}"]).__name__
+        method = {"QuantLinear": "AutoRoundLinearMethod", "FPQuantLinear": "AutoRoundFPLinearMethod"}.get(kind, "UnquantizedLinearMethod")
+        assert got["method"] == method, layer_name
         torch.testing.assert_close(torch.tensor(got["out"]), expected, rtol=1e-4, atol=1e-4, msg=layer_name)
     if name == "intel":
         assert layout == "awq"

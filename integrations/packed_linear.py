@@ -24,6 +24,7 @@ from types import ModuleType
 import torch
 
 from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError, is_auto_round
+from quantize.integrations.fp_linear import has_layout
 from quantize.kernels import LinearSpec, kernel_state, select_kernel
 from quantize.packing import PACKED_TENSORS
 from quantize.scheme import Scheme, match_name
@@ -98,10 +99,10 @@ def merged_scheme(config: CheckpointConfig, prefix: str, packed_modules_mapping:
             f"(e.g. a layer_config entry that covers all of them)"
         )
     scheme = schemes[names[0]]
-    if scheme is not None and not scheme.integer_weight_only:
+    if scheme is not None and not scheme.integer_weight_only and not has_layout(scheme):
         raise ConfigError(
             f"layer {prefix}: {scheme.name} (data_type {scheme.data_type}, act_bits {scheme.act_bits}) auto_round checkpoints "
-            f"are not served by quantize-llm's {engine} plugin yet; write the model with --format llm_compressor, which "
+            f"are not served by quantize-llm's {engine} plugin; write the model with --format llm_compressor, which "
             f"{engine}'s built-in compressed-tensors support serves"
         )
     return scheme

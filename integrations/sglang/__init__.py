@@ -18,9 +18,10 @@ def register() -> None:
 
     from quantize.checkpoint import QUANT_METHOD
     from quantize.integrations.sglang.config import AutoRoundSglangConfig
-    from quantize.integrations.sglang.linear import AutoRoundLinearMethod
+    from quantize.integrations.sglang.linear import AutoRoundFPLinearMethod, AutoRoundLinearMethod
 
     quantization.QUANTIZATION_METHODS[QUANT_METHOD] = AutoRoundSglangConfig
     quantization.CPU_QUANTIZATION_METHODS[QUANT_METHOD] = AutoRoundSglangConfig
-    if AutoRoundLinearMethod.__name__ not in linear.WEIGHT_LOADER_V2_SUPPORTED:
-        linear.WEIGHT_LOADER_V2_SUPPORTED.append(AutoRoundLinearMethod.__name__)
+    for method in (AutoRoundLinearMethod, AutoRoundFPLinearMethod):
+        if method.__name__ not in linear.WEIGHT_LOADER_V2_SUPPORTED:
+            linear.WEIGHT_LOADER_V2_SUPPORTED.append(method.__name__)

@@ -17,7 +17,7 @@ from quantize.checkpoint import CheckpointConfig
 from quantize.export.fused import FUSED
 from quantize.integrations.packed_linear import CheckpointConfigMethods, merged_scheme, refuse_quantized_lm_head
 from quantize.integrations.packed_moe import experts_scheme
-from quantize.integrations.sglang.linear import AutoRoundLinearMethod
+from quantize.integrations.sglang.linear import AutoRoundFPLinearMethod, AutoRoundLinearMethod
 
 
 class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
@@ -58,4 +58,6 @@ class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "SGLang")
         if scheme is None:
             return UnquantizedLinearMethod()
+        if not scheme.integer_weight_only:  # MX / NV / FP8: exact emulation (integrations/fp_linear.py)
+            return AutoRoundFPLinearMethod(scheme, prefix)
         return AutoRoundLinearMethod(scheme, self.checkpoint.layout, prefix, self.kernel)

@@ -11,6 +11,7 @@ import torch
 from sglang.srt.layers import parameter as sglang_parameter
 from sglang.srt.layers.quantization.base_config import LinearMethodBase
 
+from quantize.integrations.fp_linear import FPLinearMethod
 from quantize.integrations.packed_linear import PackedLinearMethod
 from quantize.integrations.sglang.marlin import marlin_kernel
 
@@ -36,3 +37,10 @@ class AutoRoundLinearMethod(PackedLinearMethod, LinearMethodBase):
             _reported.add(key)
             logger.info("quantize-llm: %s (%s, %s layout) computes with %s", self.prefix, self.scheme.name, self.layout,
                         layer.quant_kernel.__name__)
+
+
+class AutoRoundFPLinearMethod(FPLinearMethod, LinearMethodBase):
+    """MX / NV / FP8 layers (quantize.integrations.fp_linear), with SGLang's parameter classes."""
+
+    engine = "SGLang"
+    parameter_classes = sglang_parameter

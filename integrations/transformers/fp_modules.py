@@ -1,10 +1,9 @@
 """The module that replaces nn.Linear for a layer of an FP or activation-quantized auto_round checkpoint
 (MXFP4, MXFP8, NVFP4 and their A16 variants, FP8_STATIC: quantize.export.auto_round_fp), ours or Intel's.
 
-On the CPU it emulates the served computation exactly: the weight dequantized once after loading by the
-scheme's numerics module (quantize.weight_rules), and the input fake-quantized as the serving kernel
-quantizes it (quantize.act_quant: MX dynamic groups, NVFP4 under the stored ``input_global_scale``, FP8 under
-the stored ``input_scale``). This is exactly what the tuned model in memory computes, so logits match.
+On the CPU it emulates the served computation exactly (quantize.integrations.fp_linear): the weight
+dequantized once after loading, the input fake-quantized as the serving kernel quantizes it. This is
+exactly what the tuned model in memory computes, so logits match.
 """
 
 from __future__ import annotations
@@ -13,33 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantize import act_quant, weight_rules
+from quantize.integrations.fp_linear import checkpoint_tensors, dequantize, input_quantizer
 from quantize.scheme import Scheme
-
-
-def checkpoint_tensors(scheme: Scheme, in_features: int, out_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of one layer's tensors in the auto_round FP layout."""
-    n, k = out_features, in_features
-    rule = weight_rules.rule_name(scheme)
-    t = {}
-    if scheme.bits == 4:
-        t["weight_packed"] = ((n, k // 2), torch.uint8)
-    else:
-        t["weight"] = ((n, k), torch.float8_e4m3fn)
-    if rule == "mx_fp":
-        t["weight_scale"] = ((n, k // scheme.group_size), torch.uint8)
-    elif rule == "nv_fp":
-        t["weight_scale"] = ((n, k // scheme.group_size), torch.float8_e4m3fn)
-        t["weight_global_scale"] = ((1,), torch.float32)
-        if scheme.quantizes_activations:
-            t["input_global_scale"] = ((1,), torch.float32)
-    elif rule == "fp8":
-        t["weight_scale"] = ((n,), torch.float32)
-        if scheme.static_activations:
-            t["input_scale"] = ((1,), torch.float32)
-    else:
-        raise ValueError(f"{scheme.name} has no auto_round FP layout")
-    return t
 
 
 class FPQuantLinear(nn.Module):
@@ -59,15 +33,9 @@ class FPQuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Dequantize the weight once (exact, in the model's dtype) and set up the input quantization."""
-        rule = weight_rules.rule_name(self.scheme)
-        data = self.weight_packed if self.scheme.bits == 4 else self._buffers["weight"]
-        scales = self.weight_scale
-        extra = {k: getattr(self, k).float() for k in ("weight_global_scale", "input_global_scale", "input_scale") if k in self._buffers}
-        if rule == "fp8":
-            scales = scales.float().reshape(-1, 1)
-        w = weight_rules.dequantize(data, scales, torch.zeros(0, dtype=torch.uint8), extra, self.scheme, self.dtype)
-        self.register_buffer("k_weight", w, persistent=False)
-        self.act = act_quant.quantizer(self.scheme, extra)
+        tensors = {name: self._buffers[name] for name in self.tensor_names}
+        self.register_buffer("k_weight", dequantize(self.scheme, tensors, self.dtype), persistent=False)
+        self.act = input_quantizer(self.scheme, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:

@@ -14,7 +14,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from quantize.checkpoint import QUANT_METHOD, CheckpointConfig
 from quantize.integrations.packed_linear import CheckpointConfigMethods, merged_scheme, refuse_quantized_lm_head
-from quantize.integrations.vllm.linear import AutoRoundLinearMethod
+from quantize.integrations.vllm.linear import AutoRoundFPLinearMethod, AutoRoundLinearMethod
 
 @register_quantization_config(QUANT_METHOD)
 class AutoRoundVllmConfig(CheckpointConfigMethods, QuantizationConfig):
@@ -53,4 +53,6 @@ class AutoRoundVllmConfig(CheckpointConfigMethods, QuantizationConfig):
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")
         if scheme is None:
             return UnquantizedLinearMethod()
+        if not scheme.integer_weight_only:  # MX / NV / FP8: exact emulation (integrations/fp_linear.py)
+            return AutoRoundFPLinearMethod(scheme, prefix)
         return AutoRoundLinearMethod(scheme, self.checkpoint.layout, prefix, self.kernel)

@@ -1,6 +1,6 @@
-"""The linear method of the vLLM plugin: the shared packed-parameter method
+"""The linear methods of the vLLM plugin: the shared packed-parameter method
 (quantize.integrations.packed_linear) with vLLM's parameter classes, and vLLM's Marlin kernel where it
-applies (CUDA, sym 4/8-bit)."""
+applies (CUDA, sym 4/8-bit); the shared FP method (quantize.integrations.fp_linear) for MX / NV / FP8 layers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from vllm.model_executor import parameter as vllm_parameter
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 
+from quantize.integrations.fp_linear import FPLinearMethod
 from quantize.integrations.packed_linear import PackedLinearMethod
 from quantize.scheme import Scheme
 
@@ -63,3 +64,9 @@ class AutoRoundLinearMethod(PackedLinearMethod, LinearMethodBase):
         spec = layer.quant_spec
         return marlin_kernel(self.scheme, self.layout, spec.in_features, spec.out_features, layer.input_size,
                              layer.output_size, layer.params_dtype, layer.qweight.device)
+
+
+@register_weight_loader_v2_supported_method
+class AutoRoundFPLinearMethod(FPLinearMethod, LinearMethodBase):
+    engine = "vLLM"
+    parameter_classes = vllm_parameter
