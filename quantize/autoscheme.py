@@ -342,6 +342,11 @@ def _quantized(weight: torch.Tensor, option: Option) -> torch.Tensor:
         return fake_quantize(weight, option.bits, option.group_size, option.sym).to(weight.dtype)
 
 
+def layer_score(grad: torch.Tensor, delta: torch.Tensor) -> float:
+    """One batch's estimate of the loss change from restoring a layer: AutoRound's ``sum |g * (W - Q(W))|``."""
+    return (grad * delta).abs().sum().item()
+
+
 @dataclass
 class Scores:
     per_layer: dict[str, dict[str, float]]  # layer -> option name -> score
@@ -439,7 +444,7 @@ def score_options(
                 total_loss += loss.item()
                 grad[b:b + batch_size] = x.grad.to("cpu")
                 if head_scheme is not None and head_name in per_layer:
-                    head_score += (head_q.grad * (head_w - head_q.detach())).abs().sum().item()
+                    head_score += layer_score(head_q.grad, head_w - head_q.detach())
                     head_q.grad = None
         if head_name in per_layer and head_scheme is not None:
             per_layer[head_name][option_name(option)] = head_score
@@ -463,7 +468,7 @@ def score_options(
                     out.backward(grad[b:b + batch_size].to(device))
                     grad[b:b + batch_size] = x.grad.to("cpu")
                     for n in score:
-                        score[n] += (q[n].grad * (orig[n] - q[n].detach())).abs().sum().item()
+                        score[n] += layer_score(q[n].grad, orig[n] - q[n].detach())
                     for t in q.values():
                         t.grad = None
             for n, s in score.items():

@@ -66,13 +66,13 @@ def test_read_only_output_is_refused_before_any_work(model, tmp_path, capsys):
 def test_disk_full_while_writing_keeps_the_tuned_state(model, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
 
-    def full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")  # a part of the file reached the disk
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    def full(shard, name, tensor):
+        shard.f.write(b"partial")  # a part of the file reached the disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(shard.path))
 
-    monkeypatch.setattr(hf_folder, "save_file", full)
+    monkeypatch.setattr(hf_folder._ShardFile, "add", full)
     err = _fails(capsys, _args(model, out))
-    assert f"writing {out} failed at {out / 'model.safetensors'}: No space left on device" in err
+    assert f"writing {out} failed at {out / 'model.safetensors.part'}: No space left on device" in err
     assert "tuned weights are kept in" in err and "run the same command again" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     assert (tmp_path / ".out.resume" / "carry.safetensors").exists()
