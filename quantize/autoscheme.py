@@ -8,8 +8,12 @@ Three steps, each usable on its own:
    exactly the average that is reported and checked.
 2. **Scores** (:func:`score_options`): for every option, the whole model is quantized to that option by
    round-to-nearest (the project's numerics), the calibration text runs through it, and each layer gets
-   ``sum |dL/dQ(W) * (W - Q(W))|``: the first-order Taylor estimate of the loss change from restoring that
-   layer, taken at the quantized weights, summed over calibration batches (absolute value per batch).
+   ``|sum dL/dQ(W) * (W - Q(W))|``: the first-order Taylor estimate of the loss change from restoring that
+   layer, taken at the quantized weights, its absolute value summed over calibration batches. AutoRound
+   sums ``|dL/dQ * (W - Q)|`` weight by weight, which counts the errors that cancel within a layer as
+   damage; the signed sum picked better plans at every budget tried (reference model, RTN, 100 held-out
+   windows: W2/W4 at 2.5 bits 120.8 vs 125.4 perplexity, at 3 bits 84.6 vs 93.6, at 3.5 bits 65.5 vs 70.2;
+   W3/W4 at 3.5 bits 57.8 vs 59.0).
    Gradients are taken only on the linear weights, block by block (see :func:`score_options` for memory).
 3. **Allocation** (:func:`allocate`): exact dynamic programming over cumulative bits (a Pareto front of
    (bits, score) states), minimum total score within the budget. Layers that serving engines fuse (q/k/v,
@@ -343,8 +347,9 @@ def _quantized(weight: torch.Tensor, option: Option) -> torch.Tensor:
 
 
 def layer_score(grad: torch.Tensor, delta: torch.Tensor) -> float:
-    """One batch's estimate of the loss change from restoring a layer: AutoRound's ``sum |g * (W - Q(W))|``."""
-    return (grad * delta).abs().sum().item()
+    """One batch's estimate of the loss change from restoring a layer, ``|sum g * (W - Q(W))|`` (the module
+    docstring says why the sign is kept inside the sum), in float32."""
+    return (grad.float() * delta.float()).sum().abs().item()
 
 
 @dataclass
@@ -365,7 +370,7 @@ def score_options(
     batch_size: int = SCORE_BATCH,
     progress: bool = True,
 ) -> Scores:
-    """Per free layer and option: ``sum over batches of sum |dL/dQ(W) * (W - Q(W))|`` with every free layer
+    """Per free layer and option: ``sum over batches of |sum dL/dQ(W) * (W - Q(W))|`` with every free layer
     quantized to that option by round-to-nearest (layers the option cannot hold stay 16-bit), pinned layers
     at their pinned scheme, ``L`` the mean next-token cross-entropy over all calibration tokens.
 

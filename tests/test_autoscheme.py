@@ -178,7 +178,7 @@ def _whole_model_scores(model, blocks, scope, option, ids, batch):
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum") / tokens
         loss.backward()
         for n in names:
-            scores[n] += (q[n].grad * (orig[n] - q[n].detach())).abs().sum().item()
+            scores[n] += abs((q[n].grad.float() * (orig[n] - q[n].detach()).float()).sum().item())
             q[n].grad = None
     return scores
 
