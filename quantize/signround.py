@@ -96,19 +96,13 @@ def _qdq(w: torch.Tensor, v, min_scale, max_scale, scheme: Scheme, ctx: dict) ->
     return weight_rules.fake_quantize(w, scheme, v, min_scale, max_scale, ctx).to(w.dtype)
 
 
-def _tuned_loss(block, weights, params, schemes, members, x, y, block_kwargs, amp: bool) -> torch.Tensor:
+def _tuned_loss(block, weights, params, schemes, x, y, block_kwargs, amp: bool) -> torch.Tensor:
     """MSE between ``y`` and the block's output on ``x`` with every tuned layer quantize-dequantized.
 
-    ``weights``, ``params`` and ``schemes`` are per stack (:func:`stacks`): ``members[g]`` names the layers
-    whose weights are stacked along rows in ``weights[g]``; one quantize-dequantize serves them all.
     A plain function of its arguments (no closure), so one compiled graph serves every block of a shape:
     dynamo guards on tensor shapes and the layer names, not on which block or tensors it is given.
     """
-    qw = {}
-    for g, w in weights.items():
-        names = members[g]
-        q = _qdq(w, *params[g], *schemes[g])
-        qw.update({f"{n}.weight": part for n, part in zip(names, q.chunk(len(names)) if len(names) > 1 else (q,))})
+    qw = {f"{n}.weight": _qdq(w, *params[n], *schemes[n]) for n, w in weights.items()}
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = block_output(functional_call(block, qw, (x,), block_kwargs))
     return torch.nn.functional.mse_loss(out.float(), y.float())
@@ -149,29 +143,6 @@ class BlockResult:
     weights: dict[str, QuantizedWeight]  # by layer name inside the block
     loss_before: float  # RTN weights, on a fixed batch
     loss_after: float  # tuned weights, same batch
-
-
-def stacks(weights: dict[str, torch.Tensor], layers: dict[str, Scheme], contexts: dict[str, dict]) -> dict[str, tuple[str, ...]]:
-    """Layers tuned as one tensor, by the name of their first: same shape, dtype and scheme, a rule that
-    quantizes rows independently and nothing fixed per tensor. A MoE layer's 128 experts then cost three
-    quantize-dequantize passes per step, not 384 (whose kernel launches and autograd nodes bound the step)."""
-    out: dict = {}
-    for n, w in weights.items():
-        s = layers[n]
-        key = (tuple(w.shape), w.dtype, s) if weight_rules.rows_independent(s) and not contexts[n] else n
-        out.setdefault(key, []).append(n)
-    return {names[0]: tuple(names) for names in out.values()}
-
-
-def _unstack(qw: "QuantizedWeight", names: tuple[str, ...]) -> list["QuantizedWeight"]:
-    """A stack's final form split back into its layers (own storage each: safetensors refuses shared)."""
-    if len(names) == 1:
-        return [qw]
-
-    def parts(t):
-        return [p.clone() for p in t.chunk(len(names))] if t.numel() else [t.clone() for _ in names]
-
-    return [QuantizedWeight(q, s, z, qw.scheme, dict(qw.extra)) for q, s, z in zip(parts(qw.q), parts(qw.scales), parts(qw.zeros))]
 
 
 class _LayerParams(nn.Module):
@@ -254,9 +225,9 @@ def tune_block(
     static = act_quant.calibrate(block, layers, inputs, block_kwargs, cfg.batch_size, amp)
     act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
 
-    def weight_form(name: str, w: torch.Tensor, *tuned) -> "QuantizedWeight":
-        q, scales, zeros, extra = weight_rules.quantize_weight(w, *schemes[name][:1], *tuned, ctx=schemes[name][1])
-        return QuantizedWeight(q, scales, zeros, layers[name], extra)
+    def final(name: str, *tuned) -> "QuantizedWeight":
+        q, scales, zeros, extra = weight_rules.quantize_weight(weights[name], *schemes[name][:1], *tuned, ctx=schemes[name][1])
+        return QuantizedWeight(q, scales, zeros, layers[name], {**extra, **static.get(name, {})})
 
     def probe_loss(qw: dict[str, torch.Tensor], idx: torch.Tensor) -> float:
         with torch.no_grad(), _autocast(device, amp):
@@ -270,22 +241,18 @@ def tune_block(
 
     clips = _searched_clips(block, layers, weights, contexts, searched_layers(cfg, layers), inputs, block_kwargs,
                             cfg.batch_size, amp)
-    members = stacks(weights, layers, contexts) if cfg.iters > 0 else {}
-    stacked = {g: torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[g] for g, names in members.items()}
-    params = {}
-    for g, names in members.items():
-        clip = torch.cat([clips[n] for n in names]) if g in clips else None
-        params[g] = _LayerParams(stacked[g], layers[g], device, clip)
-    # The integer forms of the best step so far (per stack): a quarter of the bytes of the float32 offsets.
+    params = {name: _LayerParams(w, layers[name], device, clips.get(name)) for name, w in weights.items()} if cfg.iters > 0 else {}
+    # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
     best: dict[str, QuantizedWeight] = {}
 
     def keep_best() -> None:
-        for g, p in params.items():
-            best[g] = weight_form(g, stacked[g], p.v, p.min_scale, p.max_scale)
+        for name, w in weights.items():
+            p = params[name]
+            best[name] = final(name, p.v, p.min_scale, p.max_scale)
 
     if params:
         compiled = compiles(cfg, device, block, sum(w.numel() for w in weights.values()))
-        args = (block, stacked, {g: (p.v, p.min_scale, p.max_scale) for g, p in params.items()}, schemes, members)
+        args = (block, weights, {n: (p.v, p.min_scale, p.max_scale) for n, p in params.items()}, schemes)
 
         def loss_with(fn):
             return lambda idx: fn(*args, inputs[idx], targets[idx], block_kwargs, amp)
@@ -297,11 +264,10 @@ def tune_block(
             if compiled:
                 loss = _warm_up(loss_with(tuning_loss(True)), loss, probe, params)
             _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
-        best = {n: qw for g, names in members.items() for n, qw in zip(names, _unstack(best[g], names))}
     else:
-        best = {n: weight_form(n, w, 0.0, clips[n], clips[n]) if n in clips else weight_form(n, w) for n, w in weights.items()}
+        best = {n: final(n, 0.0, clips[n], clips[n]) if n in clips else final(n) for n in weights}
+
     for name, qw in best.items():
-        qw.extra.update(static.get(name, {}))
         modules[name].weight.data = qw.dequantize(weights[name].dtype)
     return BlockResult(best, loss_before, probe_loss({}, probe))
 

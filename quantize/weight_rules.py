@@ -46,7 +46,6 @@ def rule_name(scheme: Scheme) -> str:
 
 class _Int:
     tunes_min = True
-    rows_independent = True
     search_grid = torch.linspace(0.3, 1.0, 29).tolist()
 
     @staticmethod
@@ -68,7 +67,6 @@ class _Int:
 
 class _IntAbsmax:
     tunes_min = False
-    rows_independent = True
     search_grid = None
 
     @staticmethod
@@ -95,7 +93,6 @@ def _mx_fmt(scheme):
 
 class _MX:
     tunes_min = False
-    rows_independent = True
     # The factor only matters through floor(log2(amax * factor)): one exponent down, the same, one up (which
     # stops clipping the largest weights where amax / 2**e reaches past the element's maximum).
     search_grid = (0.5, 1.0, 2.0)
@@ -120,7 +117,6 @@ class _MX:
 
 class _NV:
     tunes_min = False
-    rows_independent = False  # one global scale per tensor
     # The group scale is rounded to FP8 E4M3 after the factor: a factor a little above 1 can land nearer
     # (AutoRound's optimized RTN searches 0.50-1.51 in steps of 0.01; E4M3's steps are 6-12%, so 0.02 is enough).
     search_grid = [i / 50 for i in range(25, 76)]
@@ -156,7 +152,6 @@ def fp8_layout(scheme: Scheme) -> str:
 
 class _FP8:
     tunes_min = False
-    rows_independent = False  # per-tensor and 128x128-block layouts mix rows
     search_grid = None
 
     @staticmethod
@@ -207,13 +202,6 @@ def dequantize(q, scales, zeros, extra: dict, scheme: Scheme, dtype=torch.float3
 
 def clip_shape(scheme: Scheme, n: int, k: int) -> tuple[int, ...]:
     return rule(scheme).clip_shape(scheme, n, k)
-
-
-def rows_independent(scheme: Scheme) -> bool:
-    """Whether each output row's quantization depends on that row alone, so that same-shaped layers can be
-    stacked along rows and quantized as one tensor with the same result (per-channel FP8 counts too)."""
-    r = rule(scheme)
-    return r.rows_independent or (r is _FP8 and fp8_layout(scheme) == "channel")
 
 
 def search_grid(scheme: Scheme) -> list[float] | None:

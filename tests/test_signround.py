@@ -81,7 +81,7 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
             p = params()
             with fp8_grad_linears(block, weights) if fp8 else contextlib.nullcontext():
                 with torch.compiler.set_stance("fail_on_recompile" if i and fn is compiled else "default"):
-                    loss = fn(block, weights, p, schemes, {n: (n,) for n in weights}, x, y, kwargs, False)
+                    loss = fn(block, weights, p, schemes, x, y, kwargs, False)
                 loss.backward()
             results.append((loss.detach(), [t.grad for ts in p.values() for t in ts]))
         (eager_loss, eager_grads), (comp_loss, comp_grads) = results
@@ -209,40 +209,3 @@ def test_optimized_rtn_runs_through_the_quantizer(tiny_llama, scheme):
     assert runs[True].calibrated and runs[True].weights.keys() == runs[None].weights.keys()
     moved = [n for n, w in runs[True].weights.items() if not torch.equal(w.scales, runs[None].weights[n].scales)]
     assert moved
-
-
-@pytest.mark.parametrize("scheme", [Scheme(2, 64, True), Scheme(4, 32, False)], ids=["W2G64", "W4G32asym"])
-def test_stacked_tuning_equals_layer_by_layer(first_block, scheme, monkeypatch):
-    """Same-shaped layers tune as one tensor stacked along rows (one quantize-dequantize per step for all of
-    them: a MoE layer's experts); the codes, scales and zeros are bit for bit those of one tensor per layer."""
-    from quantize import signround
-
-    block, _, x, targets, kwargs = first_block
-    layers = {n: scheme for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    weights = {n: block.get_submodule(n).weight for n in layers}
-    members = signround.stacks(weights, layers, {n: {} for n in layers})
-    assert any(len(names) > 1 for names in members.values())  # e.g. k_proj with v_proj, gate_proj with up_proj
-    assert sorted(n for names in members.values() for n in names) == sorted(layers)
-    cfg = TuneConfig(iters=6, nsamples=16, batch_size=4)
-    stacked = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(signround, "stacks", lambda weights, *_: {n: (n,) for n in weights})
-    single = tune_block(copy.deepcopy(block), layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0))
-    assert stacked.loss_after == single.loss_after
-    for name, qw in single.weights.items():
-        got = stacked.weights[name]
-        for a, b in ((got.q, qw.q), (got.scales, qw.scales), (got.zeros, qw.zeros)):
-            assert torch.equal(a, b), name
-            assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes()  # own storage, not a view
-
-
-def test_only_row_wise_rules_stack():
-    """NVFP4 (one global scale per tensor) and block-wise FP8 never stack; int, MX and per-channel FP8 do."""
-    from quantize.scheme import get_scheme
-    from quantize.signround import stacks
-
-    w = {"a": torch.zeros(32, 64), "b": torch.zeros(32, 64), "c": torch.zeros(64, 64)}
-    for name, stacked in (("W4A16", True), ("MXFP4", True), ("FPW8A16", True), ("NVFP4", False), ("FP8_STATIC", True), ("FP8_BLOCK", False)):
-        s = get_scheme(name)
-        ctx = {n: ({"global_scale": torch.ones(())} if s.data_type == "nv_fp" else {}) for n in w}
-        got = stacks(w, {n: s for n in w}, ctx)
-        assert (got == {"a": ("a", "b"), "c": ("c",)}) is stacked, (name, got)
