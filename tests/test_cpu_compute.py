@@ -69,16 +69,21 @@ def test_cpu_compiles_only_runs_long_enough_to_pay():
     assert settle_compile(light, torch.device("cuda"), blocks(30)).compile is None
 
 
-def test_routed_experts_run_eagerly_unless_compiling_is_asked_for():
-    """A MoE block's loop over the experts the router picked has data-dependent shapes: the size rules
-    never compile it (on CUDA or the CPU); an explicit compile=True still does."""
+def test_routed_experts_compile_their_layers_not_the_block():
+    """A MoE block's loop over the experts the router picked has data-dependent shapes: it is never compiled
+    whole; where compiling is wanted, each layer's quantize-dequantize is (one graph per weight shape)."""
     from quantize.moe import UnfusedExperts
-    from quantize.signround import compiles, settle_compile
+    from quantize.signround import compiles, compiles_layers, settle_compile
 
     moe = nn.Sequential(UnfusedExperts(2, 4, 8, nn.SiLU()))
     dense = nn.Sequential(nn.Linear(4, 8))
     cuda, many = torch.device("cuda"), 1 << 30
     assert compiles(TuneConfig(iters=200), cuda, dense, many) is True
+    assert not compiles_layers(TuneConfig(iters=200), cuda, dense)
     assert compiles(TuneConfig(iters=200), cuda, moe, many) is False
-    assert compiles(TuneConfig(iters=200, compile=True), cuda, moe, many) is True
-    assert settle_compile(TuneConfig(iters=50), CPU, [moe] * 30).compile is False
+    assert compiles(TuneConfig(iters=200, compile=True), cuda, moe, many) is False
+    assert compiles_layers(TuneConfig(iters=200), cuda, moe) and compiles_layers(TuneConfig(iters=200, compile=True), CPU, moe)
+    assert not compiles_layers(TuneConfig(iters=200, compile=False), cuda, moe)
+    assert not compiles_layers(TuneConfig(iters=0), cuda, moe)
+    assert settle_compile(TuneConfig(iters=50), CPU, [moe] * 30).compile is True  # 1500 steps: the layers compile
+    assert settle_compile(TuneConfig(iters=2), CPU, [moe] * 2).compile is False
