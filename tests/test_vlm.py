@@ -175,24 +175,37 @@ def test_layer_types_get_their_own_block_arguments(tmp_path):
         assert not torch.allclose(wrong, h)  # block 1 with block 0's mask and rotary table
 
 
-def llava_with_processor(path):
-    """A tiny Llava with a processor that runs without torchvision (PIL image processor, ``<image>`` token)."""
+def with_processor(family, path):
+    """A tiny Llava or Gemma 3 with a processor that runs without torchvision (PIL image processor), its
+    image tokens added to the test tokenizer (ids 8192...) and the model's config pointed at them."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    build("llava", path)
-    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    assert tok.convert_tokens_to_ids("<image>") == 8192
+    build(family, path)
     config = json.loads((path / "config.json").read_text())
-    config["image_token_id"] = 8192  # the tokenizer's; the tiny model's vocabulary covers it
-    config["text_config"]["vocab_size"] = config["vocab_size"] = 8200
+    config["text_config"]["vocab_size"] = 8200
+    if family == "llava":
+        tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        config["image_token_id"] = 8192
+        processor = transformers.LlavaProcessor(
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1)
+    else:
+        tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER, extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+        config.update(boi_token_index=8192, eoi_token_index=8193, image_token_index=8194)
+        processor = transformers.Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+                                                 tokenizer=tok, image_seq_length=4)
     (path / "config.json").write_text(json.dumps(config))
     model = AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path)).to(torch.bfloat16)
     model.save_pretrained(path)
-    image = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformers.LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                                image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
+
+
+# family -> (image token id, image tokens per sample)
+IMAGE_TOKENS = {"llava": (8192, 16), "gemma3": (8194, 4)}
 
 
 def image_records(folder, n=6):
@@ -209,20 +222,24 @@ def image_records(folder, n=6):
     return folder / "calib.jsonl"
 
 
-def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path):
+@pytest.mark.parametrize("family", list(IMAGE_TOKENS))
+def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path, family):
     """Each sample is its record's image and text through the model's processor, filled to --seqlen with
     text; the first block sees the vision tower's features at the image tokens (text-only calibration
     would see the embedding of the placeholder token there)."""
     from quantize.calib_images import image_calibration, load_processor
     from quantize.model import capture_block_inputs
 
-    src = llava_with_processor(tmp_path / "src")
+    src = with_processor(family, tmp_path / "src")
     jsonl = image_records(tmp_path / "data")
     calib = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0)
     assert calib.ids.shape == (4, 40) and len(calib.inputs) == 4
-    image_tokens = calib.ids == 8192
-    assert torch.equal(image_tokens, image_tokens[:1].expand(4, -1)) and image_tokens.sum(1).eq(16).all()  # (32/8)^2 patches
+    token, count = IMAGE_TOKENS[family]
+    image_tokens = calib.ids == token
+    assert torch.equal(image_tokens, image_tokens[:1].expand(4, -1)) and image_tokens.sum(1).eq(count).all()
     assert all(tuple(s["pixel_values"].shape) == (1, 3, 32, 32) for s in calib.inputs)
+    if family == "gemma3":  # its bidirectional image attention reads which tokens are image tokens
+        assert all(torch.equal(s["token_type_ids"][0].bool(), image_tokens[0]) for s in calib.inputs)
     model, _ = load_model(str(src))
     blocks = find_blocks(model)
     with_images, _ = capture_block_inputs(model, blocks, calib.ids, torch.device("cpu"), torch.float32, calib.inputs)
@@ -235,10 +252,11 @@ def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path):
     assert not torch.equal(calib.key(), other.key())
 
 
-def test_cli_quantizes_a_vlm_on_image_text_pairs(tmp_path, capsys):
+@pytest.mark.parametrize("family", list(IMAGE_TOKENS))
+def test_cli_quantizes_a_vlm_on_image_text_pairs(tmp_path, capsys, family):
     from quantize.cli import main
 
-    src = llava_with_processor(tmp_path / "src")
+    src = with_processor(family, tmp_path / "src")
     jsonl = image_records(tmp_path / "data")
     out = tmp_path / "q"
     code = main([str(src), "--calib-images", str(jsonl), "--iters", "2", "--nsamples", "4", "--seqlen", "40",
@@ -265,7 +283,7 @@ def test_image_calibration_bad_input(tmp_path, tiny_llama, capsys, case, message
     if case == "cross-attention model":
         build("mllama", src)
     elif case != "text model":
-        llava_with_processor(src)
+        with_processor("llava", src)
     jsonl = image_records(tmp_path / "data", n=3 if case == "too few records" else 4)
     if case == "missing file":
         jsonl = tmp_path / "none.jsonl"
