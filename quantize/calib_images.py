@@ -104,6 +104,15 @@ def _prompt(processor, text: str) -> str:
     return f"{token}\n{text}"
 
 
+def image_token_id(config) -> int | None:
+    """The token the model replaces with image features (Gemma 3's processor names its begin-of-image
+    token instead, so the model's config decides)."""
+    for key in ("image_token_id", "image_token_index"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
 def _image_token_id(processor) -> int | None:
     tid = getattr(processor, "image_token_id", None)
     if tid is None and getattr(processor, "image_token", None):
@@ -111,8 +120,10 @@ def _image_token_id(processor) -> int | None:
     return tid
 
 
-def image_calibration(path: Path, processor, nsamples: int, seqlen: int, seed: int = 42) -> ImageCalibration:
-    """``nsamples`` records drawn with ``seed``, each ``seqlen`` tokens with its image (see the module doc)."""
+def image_calibration(path: Path, processor, nsamples: int, seqlen: int, seed: int = 42,
+                      image_token: int | None = None) -> ImageCalibration:
+    """``nsamples`` records drawn with ``seed``, each ``seqlen`` tokens with its image (see the module doc);
+    ``image_token``: the model's image token id (:func:`image_token_id`), else the processor's."""
     from PIL import Image
 
     records = read_records(path)
@@ -123,7 +134,7 @@ def image_calibration(path: Path, processor, nsamples: int, seqlen: int, seed: i
     picked = [records[i] for i in torch.randperm(len(records), generator=gen)[:nsamples].tolist()]
     tok = processor.tokenizer
     filler = tok("\n\n".join(text for _, text in records), add_special_tokens=False)["input_ids"] or [tok.eos_token_id or 0]
-    image_id = _image_token_id(processor)
+    image_id = image_token if image_token is not None else _image_token_id(processor)
     size = None
     ids, inputs, layout = [], [], None
     for n, (image_path, text) in enumerate(picked):

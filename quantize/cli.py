@@ -352,11 +352,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         model.to("cpu", orig_dtype)
 
     if args.calib_images:
-        from quantize.calib_images import check_model, image_calibration, load_processor
+        from quantize.calib_images import check_model, image_calibration, image_token_id, load_processor
 
         check_model(model)
         processor = load_processor(getattr(model.config, "_name_or_path", None))
-        calib = image_calibration(args.calib_images, processor, cfg.nsamples, cfg.seqlen, cfg.seed)
+        calib = image_calibration(args.calib_images, processor, cfg.nsamples, cfg.seqlen, cfg.seed, image_token_id(model.config))
         print(f"calib      {args.calib_images}: {cfg.nsamples} image-text samples of {cfg.seqlen} tokens")
     else:
         calib = calibration_ids(dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)

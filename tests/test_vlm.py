@@ -227,14 +227,17 @@ def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path, family):
     """Each sample is its record's image and text through the model's processor, filled to --seqlen with
     text; the first block sees the vision tower's features at the image tokens (text-only calibration
     would see the embedding of the placeholder token there)."""
-    from quantize.calib_images import image_calibration, load_processor
-    from quantize.model import capture_block_inputs
+    from quantize.calib_images import image_calibration, image_token_id, load_processor
+    from quantize.model import UserError, capture_block_inputs
 
     src = with_processor(family, tmp_path / "src")
     jsonl = image_records(tmp_path / "data")
-    calib = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0)
-    assert calib.ids.shape == (4, 40) and len(calib.inputs) == 4
     token, count = IMAGE_TOKENS[family]
+    assert image_token_id(transformers.AutoConfig.from_pretrained(src)) == token
+    calib = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0, image_token=token)
+    assert calib.ids.shape == (4, 40) and len(calib.inputs) == 4
+    with pytest.raises(UserError, match="image tokens reach position"):  # the whole image must fit
+        image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=int((calib.ids[0] == token).nonzero()[-1]), image_token=token)
     image_tokens = calib.ids == token
     assert torch.equal(image_tokens, image_tokens[:1].expand(4, -1)) and image_tokens.sum(1).eq(count).all()
     assert all(tuple(s["pixel_values"].shape) == (1, 3, 32, 32) for s in calib.inputs)
@@ -247,7 +250,7 @@ def test_image_text_calibration_feeds_the_image_to_the_blocks(tmp_path, family):
     assert not torch.equal(with_images[image_tokens], text_only[image_tokens])
     assert torch.equal(with_images[~image_tokens], text_only[~image_tokens])
     # the resume fingerprint sees the images, not only the ids
-    other = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0)
+    other = image_calibration(jsonl, load_processor(str(src)), nsamples=4, seqlen=40, seed=0, image_token=token)
     other.inputs[0]["pixel_values"] = other.inputs[0]["pixel_values"] + 1
     assert not torch.equal(calib.key(), other.key())
 
