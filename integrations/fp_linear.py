@@ -87,8 +87,9 @@ class FPLinearMethod:
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
         s, k, parts = self.scheme, input_size_per_partition, list(output_partition_sizes)
         split = f" (this rank holds {k} of {input_size} inputs: try a smaller tensor-parallel size)" if k != input_size else ""
-        if s.group_size > 0 and k % s.group_size or k % 2:
-            raise ConfigError(f"layer {self.prefix}: {k} inputs are not a whole number of {s.name} groups of {s.group_size}{split}")
+        if (s.group_size > 0 and k % s.group_size) or (s.bits == 4 and k % 2):
+            raise ConfigError(f"layer {self.prefix}: {k} inputs are not a whole number of {s.name} groups of "
+                              f"{max(s.group_size, 2)}{split}")
         classes, loader = self.parameter_classes, extra_weight_attrs.get("weight_loader")
         for name, (shape, dtype) in checkpoint_tensors(s, k, sum(parts)).items():
             data = torch.empty(shape, dtype=dtype)
