@@ -118,6 +118,55 @@ def test_merged_and_row_parallel_shards(scheme, layout, tp_size):
     torch.testing.assert_close(total, full, rtol=1e-4, atol=1e-4)
 
 
+def _fp_layer(scheme, n: int, k: int, seed: int) -> dict:
+    """One layer's auto_round FP tensors (as quantize.export.auto_round_fp writes them) from a random weight."""
+    from quantize import weight_rules
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * (1 + seed)  # parts of other ranges
+    data, scales, _, extra = weight_rules.quantize_weight(w, scheme)
+    return {"weight_packed" if scheme.bits == 4 else "weight": data, "weight_scale": scales, **extra}
+
+
+@pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16", "MXFP8A16"])
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_fp_layers_shard_like_the_unsharded_layer(name, tp_size):
+    """FP auto_round layers (quantize.integrations.fp_linear) in SGLang's merged and row-parallel layers:
+    each rank's output is its share of the unsharded layer's, each fused part dequantized with its own
+    global scale (NVFP4 parts of different ranges)."""
+    from quantize.integrations.fp_linear import dequantize
+    from quantize.scheme import get_scheme
+
+    scheme = get_scheme(name)
+    qc = AutoRoundSglangConfig.from_config({"quant_method": "auto-round", "bits": scheme.bits, "group_size": scheme.group_size,
+                                            "sym": True, "data_type": scheme.data_type, "packing_format": "auto_round:llm_compressor",
+                                            "block_name_to_quantize": "model.layers"})
+    x_in, x_inter = torch.randn(3, HIDDEN), torch.randn(3, INTER)
+    shards = [("q", HEADS * HEAD_DIM, HIDDEN), ("k", KV_HEADS * HEAD_DIM, HIDDEN), ("v", KV_HEADS * HEAD_DIM, HIDDEN)]
+    tensors = {sid: _fp_layer(scheme, n, k, i) for i, (sid, n, k) in enumerate(shards)}
+    full = {sid: x_in @ dequantize(scheme, t, torch.float32).T for sid, t in tensors.items()}
+    for rank in range(tp_size):
+        layer = _build("qkv", qc, "model.layers.0.self_attn.qkv_proj", rank, tp_size)
+        assert type(layer.quant_method).__name__ == "AutoRoundFPLinearMethod"
+        for sid, t in tensors.items():
+            for key, value in t.items():
+                param = getattr(layer, key)
+                param.weight_loader(param, value, sid)
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = torch.cat([f.chunk(tp_size, dim=-1)[rank] for f in full.values()], dim=-1)
+        torch.testing.assert_close(layer.quant_method.apply(layer, x_in), expected, rtol=1e-4, atol=1e-4)
+
+    down = _fp_layer(scheme, HIDDEN, INTER, seed=7)
+    total = torch.zeros(3, HIDDEN)
+    for rank in range(tp_size):
+        layer = _build("down", qc, "model.layers.0.mlp.down_proj", rank, tp_size)
+        for key, value in down.items():
+            param = getattr(layer, key)
+            param.weight_loader(param, value)
+        layer.quant_method.process_weights_after_loading(layer)
+        total += layer.quant_method.apply(layer, x_inter.chunk(tp_size, dim=-1)[rank])
+    torch.testing.assert_close(total, x_inter @ dequantize(scheme, down, torch.float32).T, rtol=1e-4, atol=1e-4)
+
+
 def test_row_shard_that_splits_a_group_is_refused():
     with pytest.raises(ConfigError, match=r"down_proj: 64 inputs are not a whole number of groups of 128 .*tensor-parallel"):
         _build("down", _config(Scheme(4, 128, True)), "model.layers.0.mlp.down_proj", rank=0, size=8)
