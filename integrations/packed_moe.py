@@ -86,6 +86,36 @@ def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int,
         layer.moe_kernels[stem] = (chosen, spec, states)
 
 
+class PackedMoEMethod:
+    """The MoE method both engines get, mixed into each engine's ``FusedMoEMethodBase`` (as
+    quantize.integrations.packed_linear.PackedLinearMethod is for linear layers). Each adapter sets
+    ``scheme``, ``layout``, ``prefix`` and ``kernel``, names its engine's ``set_weight_attrs`` and says which
+    tensor-parallel size a layer has (:meth:`tp_size`)."""
+
+    scheme: Scheme
+    layout: str
+    prefix: str
+    kernel: str | None
+    set_weight_attrs = None  # the engine's (vLLM's wraps the loader on some platforms)
+
+    def tp_size(self, layer) -> int:
+        raise NotImplementedError
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        # "group" is both engines' FusedMoeWeightScaleSupported.GROUP: scales and zeros cut like the weights.
+        attrs = {**extra_weight_attrs, "quant_method": "group", "is_transposed": True}
+        params = expert_parameters(self.scheme, self.layout, self.prefix, num_experts, hidden_size,
+                                   intermediate_size_per_partition, self.tp_size(layer))
+        for name, p in params.items():
+            layer.register_parameter(name, p)
+            self.set_weight_attrs(p, attrs)
+        layer.moe_shape = (hidden_size, intermediate_size_per_partition, params_dtype)
+
+    def process_weights_after_loading(self, layer) -> None:
+        prepare_experts(layer, self.scheme, self.layout, *layer.moe_shape, self.kernel)
+
+
 def check_activation(activation, prefix: str, router_weight_on_input: bool) -> None:
     if router_weight_on_input:
         raise ConfigError(f"MoE layer {prefix}: router weights applied on the input (Llama 4) are not served yet")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from quantize.integrations.packed_moe import check_activation, expert_parameters, experts_forward, prepare_experts
+from quantize.integrations.packed_moe import PackedMoEMethod, check_activation, experts_forward
 from quantize.scheme import Scheme
 
 try:  # vLLM >= 0.26: the layer class (FusedMoE became a factory function)
@@ -19,14 +19,15 @@ try:  # vLLM >= 0.26: the layer class (FusedMoE became a factory function)
 except ImportError:  # older vLLM
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE as MOE_LAYER  # type: ignore[no-redef]
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
-from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
 from vllm.model_executor.utils import set_weight_attrs
 
 __all__ = ["MOE_LAYER", "AutoRoundMoEMethod"]
 
 
-class AutoRoundMoEMethod(FusedMoEMethodBase):
+class AutoRoundMoEMethod(PackedMoEMethod, FusedMoEMethodBase):
     """Packed per-expert tensors in, each expert computed by quantize.kernels (see the module docstring)."""
+
+    set_weight_attrs = staticmethod(set_weight_attrs)
 
     def __init__(self, moe, scheme: Scheme, layout: str, prefix: str, kernel: str | None = None):
         super().__init__(moe)
@@ -35,18 +36,8 @@ class AutoRoundMoEMethod(FusedMoEMethodBase):
         self.prefix = prefix
         self.kernel = kernel  # force a quantize.kernels entry, as for the linear layers
 
-    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
-                       params_dtype: torch.dtype, **extra_weight_attrs):
-        attrs = {**extra_weight_attrs, "quant_method": FusedMoeWeightScaleSupported.GROUP.value, "is_transposed": True}
-        params = expert_parameters(self.scheme, self.layout, self.prefix, num_experts, hidden_size,
-                                   intermediate_size_per_partition, self.moe.tp_size)
-        for name, p in params.items():
-            layer.register_parameter(name, p)
-            set_weight_attrs(p, attrs)
-        layer.moe_shape = (hidden_size, intermediate_size_per_partition, params_dtype)
-
-    def process_weights_after_loading(self, layer) -> None:
-        prepare_experts(layer, self.scheme, self.layout, *layer.moe_shape, self.kernel)
+    def tp_size(self, layer) -> int:
+        return self.moe.tp_size
 
     def get_fused_moe_quant_config(self, layer):
         return None
