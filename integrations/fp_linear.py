@@ -91,7 +91,8 @@ class FPLinearMethod:
             raise ConfigError(f"layer {self.prefix}: {k} inputs are not a whole number of {s.name} groups of "
                               f"{max(s.group_size, 2)}{split}")
         classes, loader = self.parameter_classes, extra_weight_attrs.get("weight_loader")
-        for name, (shape, dtype) in checkpoint_tensors(s, k, sum(parts)).items():
+        tensors = checkpoint_tensors(s, k, sum(parts))
+        for name, (shape, dtype) in tensors.items():
             data = torch.empty(shape, dtype=dtype)
             if name in SCALARS:  # one scalar per fused part (q, k, v), each loaded into its slot
                 p = classes.PerTensorScaleParameter(data=torch.empty(len(parts), dtype=dtype), weight_loader=loader)
@@ -102,12 +103,11 @@ class FPLinearMethod:
             else:  # weight [N, K] or weight_packed [N, K/2]: cut along either dimension as stored
                 p = classes.ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
             layer.register_parameter(name, p)
-        layer.fp_parts = parts
+        layer.fp_parts, layer.fp_tensors = parts, tuple(tensors)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Dequantize each fused part with its own scalars; keep only the 16-bit weight and the input rule."""
-        names = checkpoint_tensors(self.scheme, 2, 2)
-        loaded = {n: getattr(layer, n).data for n in names}
+        loaded = {n: getattr(layer, n).data for n in layer.fp_tensors}
         weights, start = [], 0
         for i, n in enumerate(layer.fp_parts):
             part = {k: (t[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in loaded.items()}
@@ -116,7 +116,7 @@ class FPLinearMethod:
         # Fused parts read one input: the widest range any part calibrated (they see the same activations).
         merged = {k: (loaded[k].min() if k == "input_global_scale" else loaded[k].max()).reshape(1)
                   for k in ("input_global_scale", "input_scale") if k in loaded}
-        for n in names:
+        for n in layer.fp_tensors:
             delattr(layer, n)
         layer.register_buffer("k_weight", torch.cat(weights), persistent=False)
         layer.fp_input = input_quantizer(self.scheme, merged)
