@@ -11,6 +11,7 @@ over). The folder is removed once the checkpoint is written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -111,6 +112,16 @@ class Carry:
     generator_state: torch.Tensor
 
 
+@functools.lru_cache(maxsize=1)
+def _open_block(path: str, mtime_ns: int, size: int):
+    """One block file held open while the writer reads its layers in turn: parsing its header per tensor
+    took 1.5 ms, a minute for a 48-layer, 128-expert model. Keyed by the file's stamp: a rewritten file is
+    opened anew."""
+    from safetensors import safe_open
+
+    return safe_open(path, "pt")
+
+
 class StoredWeight:
     """A finished layer's :class:`QuantizedWeight` left in its block file until its tensors are read: a
     streamed run writes the checkpoint from these, one layer at a time."""
@@ -119,10 +130,8 @@ class StoredWeight:
         self.path, self.name, self.scheme, self.extra = path, name, scheme, extra
 
     def _get(self, part: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), "pt") as f:
-            return f.get_tensor(f"{self.name}.{part}")
+        st = self.path.stat()
+        return _open_block(str(self.path), st.st_mtime_ns, st.st_size).get_tensor(f"{self.name}.{part}")
 
     q = property(lambda self: self._get("q"))
     scales = property(lambda self: self._get("scales"))
@@ -210,9 +219,12 @@ class ResumeState:
                 raise UserError(f"{self.folder} is incomplete ({block.name} is missing): pass --overwrite to start over")
             with safe_open(str(block), "pt") as f:
                 meta = f.metadata()
-                keys = list(f.keys())
+                extras: dict[str, list[str]] = {}
+                for k in f.keys():
+                    if ".extra." in k:
+                        extras.setdefault(k.split(".extra.")[0], []).append(k)
                 for name, scheme in json.loads(meta["schemes"]).items():
-                    extra = {k[len(name) + 7:]: f.get_tensor(k) for k in keys if k.startswith(f"{name}.extra.")}
+                    extra = {k[len(name) + 7:]: f.get_tensor(k) for k in extras.get(name, ())}
                     weights[name] = StoredWeight(block, name, Scheme(**scheme), extra)
                 block_losses = json.loads(meta["losses"])
                 if block_losses is not None:
@@ -220,6 +232,7 @@ class ResumeState:
         return weights, losses
 
     def remove(self) -> None:
+        _open_block.cache_clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -17,6 +17,9 @@ rule                  numerics module         final form ``(q, scales, zeros, ex
 ``zeros`` is an empty uint8 tensor for the symmetric FP and absmax rules. ``extra`` also carries the
 activations' calibrated scales (``input_global_scale``, ``input_scale``) that tuning fixed for the layer.
 
+``row_local`` rules (int, int_absmax, mx_fp) quantize each row on its own, so stacked weights' final form
+splits by rows.
+
 SignRound's parameters per layer: ``v`` (the weight's shape, the rounding offset added after the division
 by the scale and before the cast/round) and clipping factors of ``clip_shape``: ``min_scale`` and
 ``max_scale`` for ``int`` (the range's two ends), ``max_scale`` only for the symmetric rules (it moves the
@@ -46,6 +49,7 @@ def rule_name(scheme: Scheme) -> str:
 
 class _Int:
     tunes_min = True
+    row_local = True
     search_grid = torch.linspace(0.3, 1.0, 29).tolist()
 
     @staticmethod
@@ -67,6 +71,7 @@ class _Int:
 
 class _IntAbsmax:
     tunes_min = False
+    row_local = True
     search_grid = None
 
     @staticmethod
@@ -93,6 +98,7 @@ def _mx_fmt(scheme):
 
 class _MX:
     tunes_min = False
+    row_local = True
     # The factor only matters through floor(log2(amax * factor)): one exponent down, the same, one up (which
     # stops clipping the largest weights where amax / 2**e reaches past the element's maximum).
     search_grid = (0.5, 1.0, 2.0)
@@ -117,6 +123,7 @@ class _MX:
 
 class _NV:
     tunes_min = False
+    row_local = False  # one global scale per tensor
     # The group scale is rounded to FP8 E4M3 after the factor: a factor a little above 1 can land nearer
     # (AutoRound's optimized RTN searches 0.50-1.51 in steps of 0.01; E4M3's steps are 6-12%, so 0.02 is enough).
     search_grid = [i / 50 for i in range(25, 76)]
@@ -152,6 +159,7 @@ def fp8_layout(scheme: Scheme) -> str:
 
 class _FP8:
     tunes_min = False
+    row_local = False  # per-tensor and 128x128-block layouts span rows
     search_grid = None
 
     @staticmethod
@@ -202,6 +210,12 @@ def dequantize(q, scales, zeros, extra: dict, scheme: Scheme, dtype=torch.float3
 
 def clip_shape(scheme: Scheme, n: int, k: int) -> tuple[int, ...]:
     return rule(scheme).clip_shape(scheme, n, k)
+
+
+def row_local(scheme: Scheme) -> bool:
+    """Whether the rule quantizes each row of a weight on its own, with nothing fixed per tensor: weights
+    stacked along their rows (a MoE layer's experts) then quantize as each would alone."""
+    return rule(scheme).row_local
 
 
 def search_grid(scheme: Scheme) -> list[float] | None:

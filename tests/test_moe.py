@@ -277,7 +277,7 @@ def test_layer_compiled_tuning_step_equals_eager(tmp_path):
         torch.manual_seed(2)
         p = {n: tuple(t.requires_grad_() for t in (0.3 * torch.rand(w.shape) - 0.15, 0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32),
                                                    0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32))) for n, w in weights.items()}
-        loss = fn(block, weights, p, schemes, x, y, kwargs, False)
+        loss = fn(block, weights, p, schemes, {}, x, y, kwargs, False)
         loss.backward()
         results.append((loss.detach(), [t.grad for ts in p.values() for t in ts]))
     (eager_loss, eager_grads), (comp_loss, comp_grads) = results
@@ -286,3 +286,154 @@ def test_layer_compiled_tuning_step_equals_eager(tmp_path):
     for g_c, g_e in zip(comp_grads, eager_grads):
         if g_e is not None:
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
+
+
+def _experts(num=8, hidden=64, inter=32, seed=0):
+    torch.manual_seed(seed)
+    experts = UnfusedExperts(num, hidden, inter, torch.nn.SiLU())
+    for p in experts.parameters():
+        p.data = torch.randn_like(p, dtype=torch.float32) * 0.1
+    return experts
+
+
+def _routing(tokens, num, top_k, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(num, generator=gen)[:top_k] for _ in range(tokens)])
+    index[:5] = num - 1  # one expert gets many pairs, and (8 experts, 40 tokens x 2) some may get none
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1)
+    return index, weights
+
+
+@pytest.mark.parametrize("device,amp", [("cpu", False), ("cpu", True), ("cuda", True)])
+def test_grouped_experts_forward_equals_the_loop_over_experts(device, amp):
+    """Plain nn.Linear experts run as three grouped matrix products; hooked experts (activation
+    quantization, input statistics) keep the loop: both give the same outputs and gradients."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    experts = _experts().to(device)
+    x = torch.randn(40, 64, device=device, requires_grad=True)
+    index, weights = (t.to(device) for t in _routing(40, 8, 2))
+    results = []
+    for grouped in (True, False):
+        hook = None if grouped else experts.expert(0).gate_proj.register_forward_pre_hook(lambda m, a: None)
+        assert (experts._grouped_dtype(x) is not None) == grouped
+        x.grad = None
+        for p in experts.parameters():
+            p.grad = None
+            p.requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            out = experts(x, index, weights)
+        out.float().square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in experts.parameters()]))
+        if hook:
+            hook.remove()
+    (out_g, dx_g, dw_g), (out_l, dx_l, dw_l) = results
+    tol = dict(rtol=2e-2, atol=2e-3) if amp else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_g, out_l, **tol)
+    torch.testing.assert_close(dx_g, dx_l, **tol)
+    for a, b in zip(dw_g, dw_l):
+        torch.testing.assert_close(a, b, **tol)
+    assert experts.routed.sum() == 2 * 40 * 2  # both passes counted their pairs
+
+
+def test_stacked_experts_tune_as_each_expert_alone():
+    """A MoE layer's experts' projections tune as one stacked weight: the same loss and, split back by
+    rows, the same gradients as every expert's own weight; the stacks cover exactly the experts."""
+    from quantize import weight_rules
+    from quantize.moe import expert_stacks
+    from quantize.signround import _stack_experts, tuning_loss
+
+    experts = _experts()
+    block = torch.nn.ModuleDict({"experts": experts}).requires_grad_(False)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = block
+
+        def forward(self, x, index, weights):
+            return self.mlp["experts"](x, index, weights)
+
+    blk = Block()
+    x = torch.randn(40, 64)
+    index, route = _routing(40, 8, 2)
+    y = blk(x, index, route).detach() + 0.01 * torch.randn(40, 64)
+    layers = {n: Scheme(4, 32, False) for n, m in blk.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers["mlp.experts.3.down_proj"] = Scheme(2, 32, False)  # one expert differs: its projection is not stacked
+    stacks = expert_stacks(blk, layers, weight_rules.row_local)
+    assert sorted(stacks) == ["mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"]
+    assert stacks["mlp.experts.*.up_proj"] == [f"mlp.experts.{e}.up_proj" for e in range(8)]
+    assert expert_stacks(blk, layers, lambda s: False) == {}  # a rule with per-tensor state never stacks
+
+    modules = dict(blk.named_modules())
+    weights = {n: modules[n].weight.detach() for n in layers}
+    ref_w = {n: w.clone() for n, w in weights.items()}
+    schemes = {n: (s, {}) for n, s in layers.items()}
+    tuned = _stack_experts(stacks, weights, schemes, {}, modules)
+    assert modules["mlp.experts.5.gate_proj"].weight.data_ptr() == tuned["mlp.experts.*.gate_proj"][5 * 32].data_ptr()
+
+    def params(shapes):
+        torch.manual_seed(2)
+        return {n: tuple(t.requires_grad_() for t in (0.3 * torch.rand(w.shape) - 0.15, 0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32),
+                                                       0.9 + 0.1 * torch.rand(w.shape[0], w.shape[1] // 32))) for n, w in shapes.items()}
+
+    alone = params(ref_w)
+    # the stacked parameters: each expert's own, concatenated along the rows
+    together = {n: p for n, p in alone.items() if not any(n in m for m in stacks.values())}
+    for key, names in stacks.items():
+        together[key] = tuple(torch.cat([alone[n][i].detach() for n in names]).requires_grad_() for i in range(3))
+    fn = tuning_loss(False)
+    kwargs = {"index": index, "weights": route}
+    loss_alone = fn(blk, ref_w, alone, schemes, {}, x, y, kwargs, False)
+    loss_together = fn(blk, tuned, together, schemes, stacks, x, y, kwargs, False)
+    torch.testing.assert_close(loss_together, loss_alone, rtol=1e-6, atol=0)
+    loss_alone.backward()
+    loss_together.backward()
+    for key, names in stacks.items():
+        for i in range(3):
+            torch.testing.assert_close(together[key][i].grad, torch.cat([alone[n][i].grad for n in names]), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32, True), Scheme(3, 32, False), Scheme(4, 32, True, data_type="mx_fp")],
+                         ids=["W4-sym", "W3-asym-searched", "MXFP4"])
+def test_tuning_with_stacked_experts_equals_tuning_each_expert(tmp_path, monkeypatch, scheme):
+    """Where experts tune stacked (CUDA; forced here on the CPU), tuning gives the codes, scales and losses
+    of tuning every expert's weight on its own, and the block holds each layer's own dequantized weight."""
+    import copy
+
+    from quantize import signround
+    from quantize.model import block_output, capture_block_inputs
+    from quantize.signround import tune_block
+
+    model, _ = load_model(str(build("qwen3_moe", tmp_path / "src")))
+    blocks = find_blocks(model)
+    ids = torch.randint(0, 8000, (8, 32), generator=torch.Generator().manual_seed(0))
+    x, kwargs = capture_block_inputs(model, blocks, ids, torch.device("cpu"), torch.float32)
+    block = blocks.modules[0].float().requires_grad_(False)
+    targets = block_output(block(x, **kwargs)).detach()
+    if scheme.data_type == "mx_fp":
+        from quantize.scheme import get_scheme
+        scheme = get_scheme("MXFP4A16")
+    layers = {n: scheme for n, m in block.named_modules() if isinstance(m, torch.nn.Linear) and n != "mlp.gate"}
+    cfg = TuneConfig(iters=20, nsamples=8, batch_size=4)
+    results, seen = {}, []
+    targets = targets + 0.02 * targets.std() * torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    stack = signround._stack_experts
+    monkeypatch.setattr(signround, "_stack_experts", lambda stacks, *a: seen.append(sorted(stacks)) or stack(stacks, *a))
+    for on in (set(), {"cpu"}):
+        monkeypatch.setattr(signround, "STACKS_EXPERTS_ON", on)
+        b = copy.deepcopy(block)
+        results[bool(on)] = (b, tune_block(b, layers, x, targets, kwargs, cfg, torch.Generator().manual_seed(0)))
+    (b_alone, alone), (b_stacked, stacked) = results[False], results[True]
+    assert (stacked.loss_before, stacked.loss_after) == (alone.loss_before, alone.loss_after)
+    assert stacked.loss_after < stacked.loss_before
+    assert seen == [[], ["mlp.experts.*.down_proj", "mlp.experts.*.gate_proj", "mlp.experts.*.up_proj"]]
+    assert sorted(stacked.weights) == sorted(alone.weights) == sorted(layers)
+    for name, qw in alone.weights.items():
+        other = stacked.weights[name]
+        for a, b in ((qw.q, other.q), (qw.scales, other.scales), (qw.zeros, other.zeros)):
+            assert torch.equal(a, b), name
+        assert other.q.untyped_storage().nbytes() == other.q.numel() * other.q.element_size()  # its own copy
+        w = b_stacked.get_submodule(name).weight
+        assert torch.equal(w, b_alone.get_submodule(name).weight)
+        assert torch.equal(w, other.dequantize(torch.float32))

@@ -81,7 +81,7 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
             p = params()
             with fp8_grad_linears(block, weights) if fp8 else contextlib.nullcontext():
                 with torch.compiler.set_stance("fail_on_recompile" if i and fn is compiled else "default"):
-                    loss = fn(block, weights, p, schemes, x, y, kwargs, False)
+                    loss = fn(block, weights, p, schemes, {}, x, y, kwargs, False)
                 loss.backward()
             results.append((loss.detach(), [t.grad for ts in p.values() for t in ts]))
         (eager_loss, eager_grads), (comp_loss, comp_grads) = results
