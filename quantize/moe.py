@@ -104,10 +104,10 @@ class UnfusedExperts(nn.Module):
         dev = x.device.type
         gate = getattr(self.expert(0), self.names[0])
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else gate.weight.dtype
-        if dev == "cuda":
-            # CUDA's grouped GEMM: bf16, Hopper and newer (torch 2.11), rows 16-byte aligned
-            if (dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)
-                    or gate.in_features % 8 or gate.out_features % 8):
+        if gate.in_features % 8 or gate.out_features % 8:  # the kernels need rows 16-byte aligned
+            return None
+        if dev == "cuda":  # CUDA's grouped GEMM: bf16, Hopper and newer (torch 2.11)
+            if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
                 return None
         elif dev != "cpu":
             return None
