@@ -316,12 +316,13 @@ def test_grouped_experts_forward_equals_the_loop_over_experts(device, amp):
     results = []
     for grouped in (True, False):
         hook = None if grouped else experts.expert(0).gate_proj.register_forward_pre_hook(lambda m, a: None)
-        assert (experts._grouped_dtype(x) is not None) == grouped
         x.grad = None
         for p in experts.parameters():
             p.grad = None
             p.requires_grad_()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            # (on CUDA only under bf16 autocast, as tuning runs: its grouped GEMM takes bf16 alone)
+            assert (experts._grouped_dtype(x) is not None) == grouped
             out = experts(x, index, weights)
         out.float().square().sum().backward()
         results.append((out.detach(), x.grad.clone(), [p.grad.clone() for p in experts.parameters()]))
