@@ -11,6 +11,10 @@ not), GPU synchronized before and after.
   python benchmarks/quality.py --schemes W4A16,W3A16,W2A16,W2A16G64 --presets auto-round --json out.json
   python benchmarks/quality.py --configs W4A16:auto-round-light,W2A16:auto-round --tools ours,intel
   python benchmarks/quality.py --model .gpu/model --calib .gpu/calib128x512.pt --heldout .gpu/heldout300.pt
+  python benchmarks/quality.py --configs auto@3.0:auto-round,W2A16:auto-round --auto-options W2A16,W4A16,W8A16
+
+``auto@BITS``: AutoScheme over ``--auto-options`` for at most BITS bits per weight (ours and Intel's), each
+row with the average bits it counts (block layers, 16-bit scales, zero points of asym schemes).
 
 Intel's AutoRound (``pip install auto-round==0.16.1``) runs in this process; without it only ours runs.
 Rows are printed and the JSON rewritten as each finishes, so a run cut short keeps what it measured.
@@ -60,7 +64,28 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(base, scheme, cfg, calib, device):
+def auto_target(scheme_name: str) -> float | None:
+    """``auto@3.0`` (AutoScheme for an average of 3.0 bits over --auto-options) -> 3.0; None otherwise."""
+    return float(scheme_name.split("@", 1)[1]) if scheme_name.startswith("auto@") else None
+
+
+def counted_bits(model, scheme_or_plan) -> float:
+    """Average bits per weight of the block layers, counted as AutoScheme counts them (quantize.autoscheme)."""
+    from quantize.autoscheme import average_bits
+    from quantize.model import find_blocks
+
+    blocks = find_blocks(model)
+    shapes = {f"{blocks.prefix}.{i}.{n}": (m.out_features, m.in_features) for i, b in enumerate(blocks.modules)
+              for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
+    if hasattr(scheme_or_plan, "choices"):
+        return average_bits(shapes, scheme_or_plan.choices)
+    return average_bits(shapes, dict.fromkeys(shapes, scheme_or_plan))
+
+
+def run_ours(base, scheme, cfg, calib, device, auto=None):
+    """``auto``: (options, target bits): AutoScheme picks each layer's scheme first (scored on 16 x 256
+    calibration tokens, as AutoRound scores; its time counts), then tuning as usual."""
+    from quantize.autoscheme import choose_schemes
     from quantize.checkpoint import layout_for
     from quantize.layer_config import plan_layers
     from quantize.model import find_blocks
@@ -68,18 +93,46 @@ def run_ours(base, scheme, cfg, calib, device):
 
     model = copy.deepcopy(base)
     blocks = find_blocks(model)
-    plan = plan_layers(model, blocks.prefix, scheme, layout_for=layout_for)
     sync(device)
     t0 = time.time()
+    layer_config, bits = None, None
+    if auto is not None:
+        plan = choose_schemes(model, blocks, auto[0], auto[1], calib[:16, :256], layout_for=layout_for, device=device, progress=False)
+        layer_config, scheme, bits = plan.layer_config, plan.base_scheme, plan.average
+    plan = plan_layers(model, blocks.prefix, scheme, layer_config, layout_for=layout_for)
     quantize_model(model, blocks, plan, calib, cfg, device, progress=False)
     sync(device)
-    return model, time.time() - t0
+    return model, time.time() - t0, bits if bits is not None else counted_bits(model, scheme)
 
 
-def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False):
+def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto=None):
     from auto_round import AutoRound
 
     model = copy.deepcopy(base)
+    if auto is not None:
+        import tempfile
+
+        from auto_round import AutoScheme
+
+        # With AutoScheme on, AutoRound takes a dataset name or a local .jsonl of texts only (its scoring reads
+        # the run's dataset): the calibration rows decoded, which its loader re-tokenizes, so these rows
+        # calibrate on the same texts, not exactly the same ids.
+        texts = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+        for row in calib:
+            texts.write(json.dumps({"text": tok.decode(row)}) + "\n")
+        texts.close()
+        scheme_arg = AutoScheme(avg_bits=auto[1], options=tuple(auto[0]), nsamples=16, seqlen=256)
+        ar = AutoRound(model, tokenizer=tok, scheme=scheme_arg, dataset=texts.name,
+                       device_map=0 if device.type == "cuda" else "cpu", disable_model_free=True, **intel_settings(cfg))
+        sync(device)
+        t0 = time.time()
+        ar.quantize()
+        sync(device)
+        seconds = time.time() - t0
+        model = ar.model
+        del ar
+        return model, seconds, None
+
     # FP and activation-quantized schemes by AutoRound's preset name (our names are its names); at iters 0 its
     # plain RTN (disable_opt_rtn), which is what ours computes at iters 0 by default, unless opt_rtn asks for
     # its "optimized RTN" scale search (minutes per block on a CPU).
@@ -100,7 +153,7 @@ def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False):
     seconds = time.time() - t0
     model = ar.model
     del ar
-    return model, seconds
+    return model, seconds, counted_bits(model, scheme)
 
 
 def main() -> None:
@@ -114,6 +167,8 @@ def main() -> None:
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
                    "ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
                    "clipping search before tuning (at --iters 0: the searched rounding); intel-optrtn: AutoRound's optimized RTN at iters 0; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
+    p.add_argument("--auto-options", default="W2A16,W4A16,W8A16", help="AutoScheme's options for configs named auto@BITS "
+                   "(e.g. --configs auto@3.0:auto-round,W2A16:auto-round: the mix at 3.0 bits beside uniform W2A16)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=300)
@@ -181,7 +236,7 @@ def main() -> None:
     if not args.skip_bf16:
         info["bf16_ppl"] = ppl(base)
         print(f"BF16 ppl {info['bf16_ppl']:.2f}", flush=True)
-    print(f"{'scheme':9} {'preset':17} {'tool':6} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7}", flush=True)
+    print(f"{'scheme':9} {'preset':17} {'tool':6} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7} {'bits':>6}", flush=True)
     for scheme_name, preset, only in configs:
         results = {}
         for tool in tools:
@@ -191,7 +246,9 @@ def main() -> None:
                 print(f"deadline reached: skipping {scheme_name} {preset} {tool}", flush=True)
                 info.setdefault("skipped", []).append(f"{scheme_name}:{preset}:{tool}")
                 continue
-            scheme = get_scheme(scheme_name)
+            target = auto_target(scheme_name)
+            auto = (args.auto_options.split(","), target) if target is not None else None
+            scheme = get_scheme("W4A16" if auto else scheme_name)
             over = dict(nsamples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=args.batch_size, iters=args.iters)
             cfg = get_preset(preset, **over, compile=compile_flag)
             if device.type == "cuda":
@@ -199,9 +256,9 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             try:
                 if tool.startswith("ours"):
-                    model, seconds = run_ours(base, scheme, replace(cfg, **OURS_VARIANTS[tool]), calib, device)
+                    model, seconds, bits = run_ours(base, scheme, replace(cfg, **OURS_VARIANTS[tool]), calib, device, auto)
                 else:
-                    model, seconds = run_intel(base, tok, scheme, cfg, calib, device, **INTEL_VARIANTS[tool])
+                    model, seconds, bits = run_intel(base, tok, scheme, cfg, calib, device, **INTEL_VARIANTS[tool], auto=auto)
                 peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
                 value = ppl(model)
             except Exception as e:  # noqa: BLE001 - keep the other rows
@@ -215,11 +272,11 @@ def main() -> None:
             gc.collect()
             anchor = ANCHORS.get((scheme_name, preset)) if tool == "intel" else None
             row = {"scheme": scheme_name, "preset": preset, "tool": tool, "ppl": value, "seconds": seconds,
-                   "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor}
+                   "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor, "bits": bits}
             results[tool] = row
             info["rows"].append(row)
             print(f"{scheme_name:9} {preset:17} {tool:6} {value:8.2f} {anchor or float('nan'):7.2f} {seconds:8.1f} "
-                  f"{peak or float('nan'):7.2f}", flush=True)
+                  f"{peak or float('nan'):7.2f} {bits or float('nan'):6.3f}", flush=True)
             save()
         if "ours" in results and "intel" in results:
             o, i = results["ours"], results["intel"]
