@@ -274,12 +274,14 @@ def tune_block(
     stacks = expert_stacks(block, layers, weight_rules.row_local) if cfg.iters > 0 and device.type in STACKS_EXPERTS_ON else {}
     tuned = _stack_experts(stacks, weights, schemes, clips, modules)
     params = {key: _LayerParams(w, schemes[key][0], device, clips.get(key)) for key, w in tuned.items()} if cfg.iters > 0 else {}
-    # The integer forms of the best step so far: a quarter of the bytes of a copy of the float32 offsets.
-    best: dict[str, QuantizedWeight] = {}
+    # The best step's parameters, copied into buffers allocated once and quantized once at the end, as
+    # AutoRound keeps its best parameters: quantizing every layer at each new low took 6.8% of a block's
+    # descent on the CPU (reference model, 100 steps, 34 new lows: 2.57 s; the copies take 0.22 s).
+    tuned_tensors = [t for p in params.values() for t in (p.v, p.min_scale, p.max_scale)]
+    snapshot = [torch.empty_like(t) for t in tuned_tensors]
 
     def keep_best() -> None:
-        for key, p in params.items():
-            best[key] = final(key, p.v, p.min_scale, p.max_scale)
+        torch._foreach_copy_(snapshot, tuned_tensors)
 
     if params:
         compiled = compiles(cfg, device, block, sum(w.numel() for w in weights.values()))
@@ -295,6 +297,8 @@ def tune_block(
             if compiled or compiles_layers(cfg, device, block):
                 loss = _warm_up(loss_with(tuning_loss(True if compiled else "layers")), loss, probe, params)
             _signed_descent(params, loss, len(inputs), cfg, generator, device, keep_best)
+        best = {key: final(key, *snapshot[3 * i : 3 * i + 3]) for i, key in enumerate(params)}
+        del snapshot
     else:
         best = {n: final(n, 0.0, clips[n], clips[n]) if n in clips else final(n) for n in weights}
 
