@@ -72,6 +72,8 @@ class UnfusedExperts(nn.Module):
             self.routed = counts if self.routed is None else self.routed + counts
             pos, token = order // tokens, order % tokens
             starts = [0, *torch.cumsum(counts, 0).tolist()]
+        if starts[-1] == 0:  # no token reached an expert here (an empty batch)
+            return torch.zeros_like(hidden_states)
         dtype = self._grouped_dtype(hidden_states)
         if dtype is not None:
             return self._grouped(hidden_states, top_k_weights, token[: starts[-1]], pos[: starts[-1]], counts, dtype)

@@ -335,6 +335,7 @@ def test_grouped_experts_forward_equals_the_loop_over_experts(device, amp):
     for a, b in zip(dw_g, dw_l):
         torch.testing.assert_close(a, b, **tol)
     assert experts.routed.sum() == 2 * 40 * 2  # both passes counted their pairs
+    assert torch.equal(experts(x[:0], index[:0], weights[:0]), x[:0].detach())  # an empty batch: nothing routed
 
 
 def test_stacked_experts_tune_as_each_expert_alone():
