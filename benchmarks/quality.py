@@ -69,17 +69,16 @@ def auto_target(scheme_name: str) -> float | None:
     return float(scheme_name.split("@", 1)[1]) if scheme_name.startswith("auto@") else None
 
 
-def counted_bits(model, scheme_or_plan) -> float:
-    """Average bits per weight of the block layers, counted as AutoScheme counts them (quantize.autoscheme)."""
+def counted_bits(model, scheme) -> float:
+    """Average bits per weight of the block layers under one uniform scheme, counted as AutoScheme counts
+    them (quantize.autoscheme)."""
     from quantize.autoscheme import average_bits
     from quantize.model import find_blocks
 
     blocks = find_blocks(model)
     shapes = {f"{blocks.prefix}.{i}.{n}": (m.out_features, m.in_features) for i, b in enumerate(blocks.modules)
               for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)}
-    if hasattr(scheme_or_plan, "choices"):
-        return average_bits(shapes, scheme_or_plan.choices)
-    return average_bits(shapes, dict.fromkeys(shapes, scheme_or_plan))
+    return average_bits(shapes, dict.fromkeys(shapes, scheme))
 
 
 def run_ours(base, scheme, cfg, calib, device, auto=None):
@@ -121,31 +120,18 @@ def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto
         for row in calib:
             texts.write(json.dumps({"text": tok.decode(row)}) + "\n")
         texts.close()
-        scheme_arg = AutoScheme(avg_bits=auto[1], options=tuple(auto[0]), nsamples=16, seqlen=256)
-        ar = AutoRound(model, tokenizer=tok, scheme=scheme_arg, dataset=texts.name,
-                       device_map=0 if device.type == "cuda" else "cpu", disable_model_free=True, **intel_settings(cfg))
-        sync(device)
-        t0 = time.time()
-        ar.quantize()
-        sync(device)
-        seconds = time.time() - t0
-        model = ar.model
-        del ar
-        return model, seconds, None
-
-    # FP and activation-quantized schemes by AutoRound's preset name (our names are its names); at iters 0 its
-    # plain RTN (disable_opt_rtn), which is what ours computes at iters 0 by default, unless opt_rtn asks for
-    # its "optimized RTN" scale search (minutes per block on a CPU).
-    how = (dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme.integer_weight_only
-           else dict(scheme=scheme.name))
-    if how.get("scheme", "").endswith("FP4A16"):  # AutoRound names these NVFP4 / MXFP4 with 16-bit activations
-        how.update(scheme=how["scheme"][: -len("A16")], act_bits=16)
-    how["disable_opt_rtn"] = cfg.iters == 0 and not opt_rtn
-    ar = AutoRound(
-        model, tokenizer=tok, **how,
-        dataset=[row.unsqueeze(0) for row in calib], device_map=0 if device.type == "cuda" else "cpu",
-        disable_model_free=True, **intel_settings(cfg),
-    )
+        how = dict(scheme=AutoScheme(avg_bits=auto[1], options=tuple(auto[0]), nsamples=16, seqlen=256), dataset=texts.name)
+    else:
+        # FP and activation-quantized schemes by AutoRound's preset name (our names are its names); at iters 0
+        # its plain RTN (disable_opt_rtn), which is what ours computes at iters 0 by default, unless opt_rtn
+        # asks for its "optimized RTN" scale search (minutes per block on a CPU).
+        how = (dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme.integer_weight_only
+               else dict(scheme=scheme.name))
+        if how.get("scheme", "").endswith("FP4A16"):  # AutoRound names these NVFP4 / MXFP4 with 16-bit activations
+            how.update(scheme=how["scheme"][: -len("A16")], act_bits=16)
+        how.update(disable_opt_rtn=cfg.iters == 0 and not opt_rtn, dataset=[row.unsqueeze(0) for row in calib])
+    ar = AutoRound(model, tokenizer=tok, **how, device_map=0 if device.type == "cuda" else "cpu",
+                   disable_model_free=True, **intel_settings(cfg))
     sync(device)
     t0 = time.time()
     ar.quantize()  # leaves the quantize-dequantized weights in the model's layers
@@ -153,7 +139,8 @@ def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto
     seconds = time.time() - t0
     model = ar.model
     del ar
-    return model, seconds, counted_bits(model, scheme)
+    # its AutoScheme's plan stays inside it: the average it counted is in its log
+    return model, seconds, None if auto is not None else counted_bits(model, scheme)
 
 
 def main() -> None:
