@@ -1,13 +1,15 @@
 """Decode speed of quantized checkpoints in vLLM on the GPU: bf16, vLLM's built-in auto-round handling
-(``inc``) and this project's plugin, on a Llama-2-7B-shaped model with random weights.
+(``inc``) and this project's plugin, on a model with random weights shaped like Llama-2-7B or, with
+``--shape qwen3_moe``, like Qwen3-30B-A3B (MoE experts: vLLM's fused Marlin MoE vs our per-expert kernels).
 
 Writes the checkpoints (bf16; W4/W3/W2A16 g128 sym in AutoRound's ``auto_round:auto_gptq`` layout, RTN),
 then serves each in its own process (so every engine starts on an empty GPU) and measures decode
 tokens/s at several batch sizes (128-token prompts, 512 new tokens, ignore_eos) and the time to first
-token of a 2048-token prompt. Also checks greedy text of a real model through the plugin against the
+token of a 2048-token prompt, and compares each row's prompt log-probs with our own kernels' row. Also checks greedy text of a real model through the plugin against the
 transformers integration (--reference). Prints a table and writes JSON.
 
   python benchmarks/vllm_gpu.py --work /tmp/vb --tokenizer .gpu/model --reference .gpu/model --json out.json
+  python benchmarks/vllm_gpu.py --shape qwen3_moe --layers 4 --work /tmp/vm --tokenizer tests/assets/tokenizer --json moe.json
 """
 
 from __future__ import annotations
@@ -26,36 +28,74 @@ START = time.time()
 
 SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 FORCED = ("triton", "tinygemm")
-# row name -> (checkpoint, vLLM quantization argument)
+# row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
-    "bf16": ("bf16", None),
-    "W4A16 vLLM built-in (inc)": ("W4A16", "inc"),
-    "W4A16 plugin": ("W4A16", None),
-    "W4A16 plugin (Triton)": ("W4A16-triton", None),
-    "W4A16 plugin (tinygemm)": ("W4A16-tinygemm", None),
-    "W3A16 plugin": ("W3A16", None),
-    "W2A16 plugin": ("W2A16", None),
+    "bf16": ("bf16", None, False),
+    "W4A16 vLLM built-in (inc)": ("W4A16", "inc", False),
+    "W4A16 plugin": ("W4A16", None, False),
+    "W4A16 plugin (Triton)": ("W4A16-triton", None, False),
+    "W4A16 plugin (tinygemm)": ("W4A16-tinygemm", None, False),
+    "W3A16 plugin": ("W3A16", None, False),
+    "W2A16 plugin": ("W2A16", None, False),
+    # MoE experts through our own kernels, one expert at a time: its host-side routing loop cannot be captured
+    # in a CUDA graph, hence eager; the reference the fused Marlin MoE rows are checked against.
+    "W4A16 plugin (per-expert Triton, eager)": ("W4A16-triton", None, True),
 }
+DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r],
+                "qwen3_moe": ["bf16", "W4A16 vLLM built-in (inc)", "W4A16 plugin", "W4A16 plugin (per-expert Triton, eager)"]}
+# the row whose prompt log-probs the other quantized W4 rows are compared with (our own kernels)
+REFERENCE_ROW = {"llama": "W4A16 plugin (Triton)", "qwen3_moe": "W4A16 plugin (per-expert Triton, eager)"}
 
 
-def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[str], hidden: int = 4096, inter: int = 11008,
-                      heads: int = 32) -> None:
-    """bf16 and RTN-quantized checkpoints of one random model (Llama-2-7B-shaped by default), written tensor
-    by tensor."""
+def llama_shape(layers: int, hidden: int = 4096, inter: int = 11008, heads: int = 32) -> dict:
+    """Llama-2-7B by default: the config, each layer's linear shapes (out, in) and 16-bit vectors."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=8192, max_position_embeddings=4096, torch_dtype="bfloat16",
+                      tie_word_embeddings=False)
+    linears = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
+               "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+               "mlp.down_proj": (hidden, inter)}
+    return {"config": {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}, "hidden": hidden, "linears": linears,
+            "vectors": {"input_layernorm": hidden, "post_attention_layernorm": hidden}, "kept": {}}
+
+
+def qwen3_moe_shape(layers: int, hidden: int = 2048, inter: int = 768, experts: int = 128, top_k: int = 8) -> dict:
+    """Qwen3-30B-A3B's layer (128 experts of 768, 8 routed per token, GQA 32/4 heads of 128): the router
+    gate stays 16-bit, as this project writes it."""
+    from transformers import Qwen3MoeConfig
+
+    heads, kv, head_dim = 32, 4, 128
+    cfg = Qwen3MoeConfig(hidden_size=hidden, intermediate_size=6144, moe_intermediate_size=inter, num_experts=experts,
+                         num_experts_per_tok=top_k, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, head_dim=head_dim, vocab_size=8192, max_position_embeddings=4096,
+                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], torch_dtype="bfloat16",
+                         tie_word_embeddings=False)
+    linears = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
+               "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim)}
+    for e in range(experts):
+        linears.update({f"mlp.experts.{e}.gate_proj": (inter, hidden), f"mlp.experts.{e}.up_proj": (inter, hidden),
+                        f"mlp.experts.{e}.down_proj": (hidden, inter)})
+    return {"config": {**cfg.to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}, "hidden": hidden, "linears": linears,
+            "vectors": {"input_layernorm": hidden, "post_attention_layernorm": hidden, "self_attn.q_norm": head_dim,
+                        "self_attn.k_norm": head_dim},
+            "kept": {"mlp.gate": (experts, hidden)}}
+
+
+SHAPES = {"llama": llama_shape, "qwen3_moe": qwen3_moe_shape}
+
+
+def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, schemes: list[str]) -> None:
+    """bf16 and RTN-quantized checkpoints of one random model (a ``SHAPES`` entry), written layer by layer."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     from quantize.checkpoint import CheckpointConfig
     from quantize.numerics import quantize_weight
     from quantize.packing import pack
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, vocab_size=8192, max_position_embeddings=4096, torch_dtype="bfloat16",
-                      tie_word_embeddings=False)
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
-              "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
-              "mlp.down_proj": (hidden, inter)}
+    hidden = shape["hidden"]
     names = ["bf16"] + schemes
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
@@ -64,9 +104,11 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
         for f in tokenizer.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy(f, d / f.name)
-        c = {**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]}
+        c = dict(shape["config"])
         if n != "bf16":
-            c["quantization_config"] = CheckpointConfig(SCHEMES[n], 128, True, "auto_round:auto_gptq", ["model.layers"]).to_dict()
+            kept = {f"model.layers.{i}.{k}": {"bits": 16, "data_type": "float"} for i in range(layers) for k in shape["kept"]}
+            c["quantization_config"] = CheckpointConfig(SCHEMES[n], 128, True, "auto_round:auto_gptq", ["model.layers"],
+                                                        extra_config=kept).to_dict()
         (d / "config.json").write_text(json.dumps(c, indent=2))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=device).manual_seed(0)
@@ -86,10 +128,14 @@ def build_checkpoints(work: Path, tokenizer: Path, layers: int, schemes: list[st
         save(n, {k: v.cpu() for k, v in common.items()}, "model-common.safetensors")
     for i in range(layers):
         shard = {n: {} for n in names}
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for vec, size in shape["vectors"].items():
             for n in names:
-                shard[n][f"model.layers.{i}.{norm}.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-        for leaf, (out_f, in_f) in shapes.items():
+                shard[n][f"model.layers.{i}.{vec}.weight"] = torch.ones(size, dtype=torch.bfloat16)
+        for leaf, (out_f, in_f) in shape["kept"].items():
+            w = rand(out_f, in_f).cpu()
+            for n in names:
+                shard[n][f"model.layers.{i}.{leaf}.weight"] = w
+        for leaf, (out_f, in_f) in shape["linears"].items():
             w = rand(out_f, in_f)
             key = f"model.layers.{i}.{leaf}"
             shard["bf16"][f"{key}.weight"] = w.cpu()
@@ -120,18 +166,23 @@ def kernels_in_use(llm) -> list[str]:
     return llm.apply_model(lambda m: sorted({mod.quant_kernel.__name__ for mod in m.modules() if hasattr(mod, "quant_kernel")}))[0]
 
 
-def measure(ckpt: Path, quantization: str | None, batches: list[int], prompt_len: int, new_tokens: int, ttft_len: int) -> dict:
-    """One engine, in this process: decode tokens/s per batch size, TTFT, and the linear methods in use."""
+def measure(ckpt: Path, quantization: str | None, eager: bool, batches: list[int], prompt_len: int, new_tokens: int,
+            ttft_len: int) -> dict:
+    """One engine, in this process: decode tokens/s per batch size, TTFT, the quant methods in use and the
+    log-probs of a fixed 64-token prompt (to compare the rows' numerics)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(ckpt), quantization=quantization, max_model_len=ttft_len + 64, gpu_memory_utilization=0.5,
-              max_num_seqs=max(batches), seed=0)
+              max_num_seqs=max(batches), seed=0, enforce_eager=eager)
     methods = llm.apply_model(lambda m: sorted({type(mod.quant_method).__name__ for mod in m.modules() if getattr(mod, "quant_method", None) is not None}))[0]
     kernels = kernels_in_use(llm)
     prompt = {"prompt_token_ids": [(7 * i) % 8000 + 10 for i in range(prompt_len)]}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate([prompt] * max(batches), SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
     result = {"methods": methods, "kernels": kernels, "tok_s": {}}
+    scored = [(11 * i) % 8000 + 10 for i in range(64)]
+    out = llm.generate([{"prompt_token_ids": scored}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    result["prompt_logprobs"] = [lp[t].logprob for t, lp in zip(scored[1:], out.prompt_logprobs[1:])]
     for b in batches:
         t0 = time.perf_counter()
         outs = llm.generate([prompt] * b, params, use_tqdm=False)
@@ -208,8 +259,10 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/vllm-bench")
     p.add_argument("--tokenizer", default=".gpu/model", help="folder with the tokenizer (vocab 8192)")
     p.add_argument("--reference", default=None, help="a real model for the greedy-text check")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama",
+                   help="llama: Llama-2-7B's layer; qwen3_moe: Qwen3-30B-A3B's (128 experts, 8 routed)")
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--rows", default=None, help=f"comma-separated, from: {', '.join(ROWS)} (default: per shape)")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -230,19 +283,24 @@ def main() -> None:
         print(json.dumps(greedy_vllm(args.greedy_vllm, args.dtype, args.new_tokens)))
         return
     if args.row:
-        ckpt, quant = ROWS[args.row]
-        print(json.dumps(measure(work / ckpt, quant, batches, args.prompt_len, args.new_tokens, args.ttft_len)))
+        ckpt, quant, eager = ROWS[args.row]
+        print(json.dumps(measure(work / ckpt, quant, eager, batches, args.prompt_len, args.new_tokens, args.ttft_len)))
         return
 
     import torch
 
-    rows = [r for r in args.rows.split(",") if r]
-    needed = list(SCHEMES)  # all of them, so that later calls on the same machine reuse the folder
+    rows = [r for r in args.rows.split(",") if r] if args.rows else DEFAULT_ROWS[args.shape]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    # all schemes a row of this shape can use, so that later calls on the same machine reuse the folder
+    needed = sorted({ROWS[r][0].split("-")[0] for r in DEFAULT_ROWS[args.shape] + rows} - {"bf16"})
     if not all((work / n / "config.json").exists() for n in ["bf16", *needed, *(f"W4A16-{k}" for k in FORCED)]):
         t0 = time.time()
-        build_checkpoints(work, Path(args.tokenizer), args.layers, needed)
+        build_checkpoints(work, Path(args.tokenizer), SHAPES[args.shape](args.layers), args.layers, needed)
         print(f"checkpoints written in {time.time() - t0:.0f} s", flush=True)
-    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "layers": args.layers, "rows": {}}
+    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "shape": args.shape, "layers": args.layers, "rows": {}}
     if args.json and Path(args.json).exists():
         info = json.loads(Path(args.json).read_text())
         info["rows"] = {k: v for k, v in info["rows"].items() if "error" not in v}
@@ -277,15 +335,20 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     base = info["rows"].get("bf16", {}).get("tok_s", {})
-    print(f"\n{info['device']}, vLLM {info.get('vllm')}, {args.layers} layers of Llama-2-7B shape")
-    print(f"{'row':28}" + "".join(f"{'b=' + str(b):>16}" for b in batches) + f"{'TTFT ms':>10}")
+    ref = info["rows"].get(REFERENCE_ROW[args.shape], {}).get("prompt_logprobs")
+    print(f"\n{info['device']}, vLLM {info.get('vllm')}, {args.layers} layers of {args.shape} shape; "
+          f"logprob diff: max |prompt log-prob - {REFERENCE_ROW[args.shape]}'s|")
+    print(f"{'row':40}" + "".join(f"{'b=' + str(b):>16}" for b in batches) + f"{'TTFT ms':>10}{'logprob diff':>14}")
     for row, r in info["rows"].items():
         if "error" in r:
-            print(f"{row:28} failed")
+            print(f"{row:40} failed")
             continue
-        tok = {b: r["tok_s"][str(b)] for b in batches}
-        cells = "".join(f"{tok[b]:9.0f} ({tok[b] / base[str(b)]:.2f}x)" if str(b) in base else f"{tok[b]:16.0f}" for b in batches)
-        print(f"{row:28}{cells}{r['ttft_ms']:10.1f}")
+        tok = {b: r["tok_s"][str(b)] for b in batches if str(b) in r["tok_s"]}
+        cells = "".join(f"{t:9.0f} ({t / base[str(b)]:.2f}x)" if str(b) in base else f"{t:16.0f}" for b, t in tok.items())
+        diff = ""
+        if ref and row != "bf16" and r.get("prompt_logprobs"):
+            diff = f"{max(abs(a - b) for a, b in zip(r['prompt_logprobs'], ref)):.4f}"
+        print(f"{row:40}{cells}{r['ttft_ms']:10.1f}{diff:>14}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ the routed tokens expert by expert (only experts with tokens). The experts stay 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from quantize.checkpoint import CheckpointConfig, ConfigError
@@ -24,6 +26,9 @@ from quantize.scheme import Scheme
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 TENSORS = ("qweight", "qzeros", "scales")
+# The prepared layers experts_forward's custom op serves, by a key unique to each live layer (an op takes
+# no module argument).
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def experts_scheme(config: CheckpointConfig, prefix: str, num_experts: int, engine: str) -> Scheme:
@@ -74,6 +79,8 @@ def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int,
     ``layer.moe_kernels``; ``kernel`` forces one, as for the linear layers."""
     layer.moe_kernels = {}
     layer.moe_dtype = dtype
+    layer.moe_op_key = f"moe@{id(layer)}"  # how the custom op in experts_forward finds this layer
+    _LAYERS[layer.moe_op_key] = layer
     for stem, (k, n) in {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}.items():
         spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n, dtype)
         packed = {t: getattr(layer, f"{stem}_{t}").data for t in TENSORS}
@@ -127,20 +134,46 @@ def check_activation(activation, prefix: str, router_weight_on_input: bool) -> N
 def experts_forward(layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                     expert_map: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over each token's routed experts of ``weight * down(silu(gate(x)) * up(x))``, in float32, returned
-    in ``x``'s dtype. ``expert_map``: global -> local expert ids (-1: another rank's expert)."""
+    in ``x``'s dtype. ``expert_map``: global -> local expert ids (-1: another rank's expert).
+
+    Called through the ``quantize_llm::moe_experts`` custom op, so that an engine that compiles its model
+    (vLLM does, on the CPU too) sees one opaque call instead of tracing the data-dependent loop."""
+    return torch.ops.quantize_llm.moe_experts(x, topk_weights, topk_ids, expert_map, layer.moe_op_key)
+
+
+@torch.library.custom_op("quantize_llm::moe_experts", mutates_args=())
+def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
+                 key: str) -> torch.Tensor:
+    layer = _LAYERS[key]
     (k13, spec13, s13), (k2, spec2, s2) = layer.moe_kernels["w13"], layer.moe_kernels["w2"]
     inter = spec2.in_features
-    out = torch.zeros(x.shape[0], spec2.out_features, dtype=torch.float32, device=x.device)
     ids = topk_ids.long()
     if expert_map is not None:
         ids = expert_map[ids].long()
+    out = torch.zeros(x.shape[0], spec2.out_features, dtype=torch.float32, device=x.device)
     xs = x.to(layer.moe_dtype)
-    for e in torch.unique(ids).tolist():
+    # Inside a CUDA graph the routed experts cannot be read back to the host: there every local expert runs
+    # on every token, weighted by its routing weight (zero where not routed). Graphs are captured for small
+    # decode batches, where most experts are touched anyway.
+    masked = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    for e in range(len(s13)) if masked else torch.unique(ids).tolist():
         if e < 0:
             continue
-        token, slot = torch.where(ids == e)
+        if masked:
+            token, weight = slice(None), ((ids == e) * topk_weights.float()).sum(1, keepdim=True)
+        else:
+            token, slot = torch.where(ids == e)
+            weight = topk_weights[token, slot, None].float()
         h = k13.apply(spec13, s13[e], xs[token], None)
         h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        h = k2.apply(spec2, s2[e], h, None).float() * topk_weights[token, slot, None].float()
-        out.index_add_(0, token, h)
+        h = k2.apply(spec2, s2[e], h, None).float() * weight
+        if masked:
+            out += h
+        else:
+            out.index_add_(0, token, h)
     return out.to(x.dtype)
+
+
+@_moe_experts.register_fake
+def _(x, topk_weights, topk_ids, expert_map, key):
+    return torch.empty_like(x)

