@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 import json
+import math
 import os
 import random
 import subprocess
@@ -16,7 +17,7 @@ from torch.func import functional_call
 
 from conftest import CALIB, build_tiny_llama
 from quantize.autoscheme import (
-    Scope, Unit, allocate, average_bits, choose_schemes, find_scope, layer_bits, option_name, parse_options,
+    Scope, Unit, allocate, average_bits, build_units, choose_schemes, find_scope, layer_bits, option_name, parse_options,
     plan_from_scores, score_options,
 )
 from quantize.calib import calibration_ids
@@ -123,7 +124,7 @@ def test_average_never_exceeds_target_and_fused_layers_agree():
         target = round(rng.uniform(everything_low, everything_high), rng.choice([1, 2, 3]))
         if not everything_low <= target <= everything_high:
             continue
-        choices, average, reachable, _ = plan_from_scores(scope, options, scores, target, ignore)
+        choices, average, reachable, _, _ = plan_from_scores(scope, options, scores, target, ignore)
         assert average <= target, (trial, average, target)
         assert average == average_bits(scope.shapes, choices, ignore)
         assert reachable == pytest.approx((everything_low, everything_high))
@@ -141,8 +142,29 @@ def test_intel_2186_target_is_a_ceiling():
     scope.available = {n: options for n in scope.shapes}
     scores = {n: {"W2A16": 1.0 + i % 5, "W4A16": 0.1} for i, n in enumerate(scope.shapes)}
     for target in (2.2, 2.5, 2.8, 3.0, 3.3, 3.7, 4.0):
-        choices, average, _, _ = plan_from_scores(scope, options, scores, target)
+        choices, average, _, _, _ = plan_from_scores(scope, options, scores, target)
         assert average <= target
+
+
+def test_no_layer_gets_fewer_bits_than_the_best_uniform_option():
+    """At 4.5 bits with W2/W4/W8 the whole model fits in W4A16 (4.125): scores that would trade layers down to
+    W2 to fund W8 elsewhere cannot; at 3.0 (only W2 fits uniformly) W2 stays available."""
+    options = parse_options("W2A16,W4A16,W8A16")
+    scope, _ = _random_scope(random.Random(5), options)
+    scope.fixed.clear()
+    scope.available = {n: options for n in scope.shapes}
+    # W2 nearly free for half the layers, W8 a large gain for the others: the unconstrained optimum mixes W2 and W8.
+    scores = {n: ({"W2A16": 0.01, "W4A16": 0.005, "W8A16": 0.0} if i % 2 else {"W2A16": 50.0, "W4A16": 10.0, "W8A16": 0.0})
+              for i, n in enumerate(scope.shapes)}
+    units = build_units(scope, scores)
+    params = sum(o * i for o, i in scope.shapes.values())
+    unconstrained, _ = allocate(units, math.floor(4.5 * params))
+    assert any(u.options[k].bits == 2 for u, k in zip(units, unconstrained))
+    choices, average, _, _, floor = plan_from_scores(scope, options, scores, 4.5)
+    assert option_name(floor) == "W4A16" and average <= 4.5
+    assert min(s.bits for s in choices.values()) == 4 and max(s.bits for s in choices.values()) == 8
+    choices, average, _, _, floor = plan_from_scores(scope, options, scores, 3.0)
+    assert option_name(floor) == "W2A16" and any(s.bits == 2 for s in choices.values())
 
 
 def test_infeasible_target_names_the_range():
