@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -24,16 +25,24 @@ def _bench():
     return module
 
 
-def test_benchmark_checkpoints_load_and_agree(tmp_path):
+SHAPES = {"llama": ("LlamaForCausalLM", dict(hidden=256, inter=512, heads=4)),
+          "qwen3_moe": ("Qwen3MoeForCausalLM", dict(hidden=256, inter=128, experts=4, top_k=2))}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_benchmark_checkpoints_load_and_agree(shape, tmp_path):
     bench = _bench()
-    bench.build_checkpoints(tmp_path, TOKENIZER, layers=1, schemes=list(bench.SCHEMES), hidden=256, inter=512, heads=4)
+    arch, dims = SHAPES[shape]
+    bench.build_checkpoints(tmp_path, TOKENIZER, bench.SHAPES[shape](1, **dims), 1, list(bench.SCHEMES))
     names = {"bf16", *bench.SCHEMES, *(f"W4A16-{k}" for k in bench.FORCED)}
     assert {p.name for p in tmp_path.iterdir()} == names
     ids = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263]])
     logits = {}
     for name in sorted(names):
         cfg = json.loads((tmp_path / name / "config.json").read_text())
-        assert cfg["architectures"] == ["LlamaForCausalLM"], name
+        assert cfg["architectures"] == [arch], name
+        if name != "bf16" and shape == "qwen3_moe":  # the router stays 16-bit, as this project writes it
+            assert cfg["quantization_config"]["extra_config"] == {"model.layers.0.mlp.gate": {"bits": 16, "data_type": "float"}}
         if name.startswith("W4A16-"):
             assert cfg["quantization_config"]["kernel"] == name.split("-", 1)[1]
             continue  # the same tensors as W4A16; the forced kernels are CUDA-only
