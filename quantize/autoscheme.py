@@ -584,9 +584,9 @@ def uniform_floor(units: list[Unit], free_budget: int) -> Option:
 
     The allocation gives no unit fewer bits per weight than this: the plan then holds every layer at
     least as precise as the best uniform model within the target, and spends the rest of the budget on
-    upgrades. The first-order score alone can trade a few layers down to fund others up, and measured
-    after tuning that lost to the uniform model (gutenberg-llama-29m, W2/W4/W8 at 4.5 bits: 41.89 against
-    uniform W4A16's 41.81 perplexity); at integer budgets the SignRoundV2 paper saw the same."""
+    upgrades. Without it the first-order score can trade layers down to a width the budget did not
+    require, to fund upgrades elsewhere (2-bit layers in a 4.5-bit plan), a trade the score cannot rank
+    well: at integer budgets the SignRoundV2 paper saw AutoRound's mix lose to the uniform scheme."""
     common = [o for o in units[0].options if all(o in u.options for u in units)] if units else []
     fitting = [o for o in common if sum(u.bits[u.options.index(o)] for u in units) <= free_budget]
     return max(fitting, key=_width, default=None)
