@@ -160,17 +160,14 @@ def _moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Te
         if e < 0:
             continue
         if masked:
-            token, weight = slice(None), ((ids == e) * topk_weights.float()).sum(1, keepdim=True)
+            token = torch.arange(x.shape[0], device=x.device)
+            weight = ((ids == e) * topk_weights.float()).sum(1, keepdim=True)
         else:
             token, slot = torch.where(ids == e)
             weight = topk_weights[token, slot, None].float()
         h = k13.apply(spec13, s13[e], xs[token], None)
         h = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
-        h = k2.apply(spec2, s2[e], h, None).float() * weight
-        if masked:
-            out += h
-        else:
-            out.index_add_(0, token, h)
+        out.index_add_(0, token, k2.apply(spec2, s2[e], h, None).float() * weight)
     return out.to(x.dtype)
 
 

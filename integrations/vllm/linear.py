@@ -23,14 +23,23 @@ def _try_import(name: str):
         return None
 
 
+def marlin_weight_type(scheme: Scheme, layout: str, act_dtype: torch.dtype):
+    """vLLM's scalar type for Marlin's weights, or None where Marlin does not take the layer: symmetric
+    4/8-bit weights in the GPTQ layout (vLLM's uint4b8/uint8b128: code minus 8 or 128, our sym zero point),
+    half-precision activations. Shared by the linear layers and the MoE experts (integrations/vllm/moe.py)."""
+    if not scheme.sym or scheme.bits not in (4, 8) or layout != "gptq" or act_dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from vllm.scalar_type import scalar_types
+
+    return scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128
+
+
 def marlin_kernel(scheme: Scheme, layout: str, in_per_rank: int, out_per_rank: int, in_full: int, out_full: int,
                   act_dtype: torch.dtype, device: torch.device):
-    """vLLM's Marlin kernel object for this layer, or None where it does not apply: symmetric 4/8-bit
-    weights in the GPTQ layout (vLLM's uint4b8/uint8b128: code minus 8 or 128, our sym zero point), CUDA,
-    half-precision activations."""
-    if device.type != "cuda" or not scheme.sym or scheme.bits not in (4, 8) or layout != "gptq":
-        return None
-    if act_dtype not in (torch.float16, torch.bfloat16):
+    """vLLM's Marlin kernel object for this layer, or None where it does not apply (CUDA and
+    :func:`marlin_weight_type`)."""
+    weight_type = marlin_weight_type(scheme, layout, act_dtype)
+    if device.type != "cuda" or weight_type is None:
         return None
     kernel_modules = (
         "vllm.model_executor.kernels.linear.mixed_precision.marlin",
@@ -40,13 +49,12 @@ def marlin_kernel(scheme: Scheme, layout: str, in_per_rank: int, out_per_rank: i
     if module is None:
         return None
     MarlinLinearKernel, MPLinearLayerConfig = module.MarlinLinearKernel, module.MPLinearLayerConfig
-    from vllm.scalar_type import scalar_types
 
     # vLLM up to 0.26 also asks whether the layer has an activation-order index (never, here).
     legacy = {"has_g_idx": False} if "has_g_idx" in {f.name for f in dataclasses.fields(MPLinearLayerConfig)} else {}
     config = MPLinearLayerConfig(
         full_weight_shape=(in_full, out_full), partition_weight_shape=(in_per_rank, out_per_rank),
-        weight_type=scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128,
+        weight_type=weight_type,
         act_type=act_dtype, group_size=scheme.group_size, zero_points=False, **legacy,
     )
     ok, _ = MarlinLinearKernel.can_implement(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from quantize.integrations.packed_moe import PackedMoEMethod, check_activation, experts_forward
+from quantize.integrations.vllm.linear import marlin_weight_type
 from quantize.scheme import Scheme
 
 try:  # vLLM >= 0.26: the layer class (FusedMoE became a factory function)
@@ -29,23 +30,20 @@ __all__ = ["MOE_LAYER", "AutoRoundMoEMethod", "marlin_moe_method"]
 
 def marlin_moe_method(scheme: Scheme, layout: str, layer) -> FusedMoEMethodBase | None:
     """vLLM's ``AutoGPTQMoEMethod`` (fused Marlin MoE) for this layer, or None where it does not apply:
-    CUDA, 16-bit activations, symmetric 4/8-bit weights in the GPTQ layout (vLLM's uint4b8 / uint8b128 are
-    code minus 8 / 128, our symmetric zero point), shapes and group size Marlin takes. Groups are in natural
-    order (``desc_act: false``), so the checkpoint needs no ``g_idx`` (vLLM drops it for that case)."""
+    CUDA, the weights and activations Marlin takes (:func:`marlin_weight_type`), the shapes and group size
+    its MoE kernel takes. Groups are in natural order (``desc_act: false``), so the checkpoint needs no
+    ``g_idx`` (vLLM drops it for that case)."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cuda() or not scheme.sym or scheme.bits not in (4, 8) or layout != "gptq":
-        return None
-    if layer.moe_config.in_dtype not in (torch.float16, torch.bfloat16):
+    weight_type = marlin_weight_type(scheme, layout, layer.moe_config.in_dtype)
+    if not current_platform.is_cuda() or weight_type is None:
         return None
     from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig, AutoGPTQMoEMethod
     from vllm.model_executor.layers.quantization.utils.marlin_utils import (
         check_marlin_supported,
         check_moe_marlin_supports_layer,
     )
-    from vllm.scalar_type import scalar_types
 
-    weight_type = scalar_types.uint4b8 if scheme.bits == 4 else scalar_types.uint8b128
     if not (check_marlin_supported(weight_type, scheme.group_size) and check_moe_marlin_supports_layer(layer, scheme.group_size)):
         return None
     config = AutoGPTQConfig(weight_bits=scheme.bits, group_size=scheme.group_size, desc_act=False, is_sym=True,
