@@ -6,9 +6,12 @@ Writes the checkpoints (bf16; W4/W3/W2A16 g128 sym in AutoRound's ``auto_round:a
 then serves each in its own process (so every engine starts on an empty GPU) and measures decode
 tokens/s at several batch sizes (128-token prompts, 512 new tokens, ignore_eos) and the time to first
 token of a 2048-token prompt, and compares each row's prompt log-probs with our own kernels' row. Also checks greedy text of a real model through the plugin against the
-transformers integration (--reference). Prints a table and writes JSON.
+transformers integration (--reference). The FP rows (``MXFP4 llm_compressor``, ``NVFP4 ...``, ``FP8_BLOCK ...``,
+``INT8 ...``; issue 14) are our llm_compressor exports served by vLLM's own compressed-tensors method, and
+``--fp-reference`` checks them on a real model against transformers' emulation. Prints a table and writes JSON.
 
   python benchmarks/vllm_gpu.py --work /tmp/vb --tokenizer .gpu/model --reference .gpu/model --json out.json
+  python benchmarks/vllm_gpu.py --rows "bf16,MXFP4 llm_compressor,NVFP4 llm_compressor,FP8_BLOCK llm_compressor,INT8 llm_compressor" --fp-reference .gpu/model
   python benchmarks/vllm_gpu.py --shape qwen3_moe --layers 4 --work /tmp/vm --tokenizer tests/assets/tokenizer --json moe.json
 """
 
@@ -27,6 +30,10 @@ from pathlib import Path
 START = time.time()
 
 SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
+# FP and activation-quantized schemes, written in the llm_compressor format (compressed-tensors' compressors,
+# as our exporter writes them) and served by vLLM's own compressed-tensors method (issue 14).
+FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 FORCED = ("triton", "tinygemm")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
@@ -40,8 +47,9 @@ ROWS = {
     # MoE experts through our own kernels, one expert at a time: its host-side routing loop cannot be captured
     # in a CUDA graph, hence eager; the reference the fused Marlin MoE rows are checked against.
     "W4A16 plugin (per-expert Triton, eager)": ("W4A16-triton", None, True),
+    **{f"{n} llm_compressor": (n, None, False) for n in FP_SCHEMES},
 }
-DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r],
+DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r and "llm_compressor" not in r],
                 "qwen3_moe": ["bf16", "W4A16 vLLM built-in (inc)", "W4A16 plugin", "W4A16 plugin (per-expert Triton, eager)"]}
 # the row whose prompt log-probs the other quantized W4 rows are compared with (our own kernels)
 REFERENCE_ROW = {"llama": "W4A16 plugin (Triton)", "qwen3_moe": "W4A16 plugin (per-expert Triton, eager)"}
@@ -97,6 +105,7 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
 
     hidden = shape["hidden"]
     names = ["bf16"] + schemes
+    fp = [n for n in schemes if n in FP_SCHEMES]
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -105,7 +114,7 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy(f, d / f.name)
         c = dict(shape["config"])
-        if n != "bf16":
+        if n in SCHEMES:
             kept = {f"model.layers.{i}.{k}": {"bits": 16, "data_type": "float"} for i in range(layers) for k in shape["kept"]}
             c["quantization_config"] = CheckpointConfig(SCHEMES[n], 128, True, "auto_round:auto_gptq", ["model.layers"],
                                                         extra_config=kept).to_dict()
@@ -135,11 +144,15 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
             w = rand(out_f, in_f).cpu()
             for n in names:
                 shard[n][f"model.layers.{i}.{leaf}.weight"] = w
-        for leaf, (out_f, in_f) in shape["linears"].items():
-            w = rand(out_f, in_f)
+        weights = {leaf: rand(out_f, in_f) for leaf, (out_f, in_f) in shape["linears"].items()}
+        global_scales = fused_global_scales(weights)
+        for leaf in shape["linears"]:
+            w = weights[leaf]
             key = f"model.layers.{i}.{leaf}"
             shard["bf16"][f"{key}.weight"] = w.cpu()
-            for n in schemes:
+            for n in fp:
+                shard[n].update({f"{key}.{k}": v.cpu() for k, v in fp_layer(key, w, n, global_scales.get(leaf)).items()})
+            for n in (n for n in schemes if n in SCHEMES):
                 q, s, z = quantize_weight(w.float(), SCHEMES[n], 128, True)
                 p = pack("gptq", q, s, z, SCHEMES[n])
                 shard[n].update({f"{key}.qweight": p.qweight.cpu(), f"{key}.qzeros": p.qzeros.cpu(), f"{key}.scales": p.scales.cpu()})
@@ -148,6 +161,8 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
         print(f"layer {i + 1}/{layers} written", flush=True)
     for n in names:
         (dirs[n] / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map[n]}, indent=1))
+    for n in fp:
+        write_fp_config(dirs[n], n, layers, shape)
     if "W4A16" in schemes:
         for kernel in FORCED:  # the W4A16 tensors, with one of our kernels forced instead of Marlin
             forced = work / f"W4A16-{kernel}"
@@ -159,6 +174,58 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
             for f in dirs["W4A16"].iterdir():
                 if f.name != "config.json":
                     (forced / f.name).symlink_to(f.resolve())
+
+
+def fused_global_scales(weights: dict) -> dict:
+    """NVFP4: the parts vLLM fuses (q/k/v, gate/up) share one global scale, as our tuning fixes it."""
+    from quantize.numerics_nvfp4 import fused_global_scale
+
+    out = {}
+    for group in FUSED:
+        if all(g in weights for g in group):
+            gs = fused_global_scale([weights[g].float().abs().amax() for g in group])
+            out.update(dict.fromkeys(group, gs))
+    return out
+
+
+# NVFP4's static activation scale from an assumed input amax (random model: speed only, nothing calibrated)
+NVFP4_INPUT_AMAX = 8.0
+
+
+def fp_layer(name: str, w, scheme_name: str, global_scale) -> dict:
+    """One layer's llm_compressor tensors, by our exporter's per-layer function (compressed-tensors'
+    compressor, its codes checked against ours), computed on the weight's device."""
+    from quantize.export.compressed_tensors_fp import layer_tensors
+    from quantize.numerics_nvfp4 import global_scale as nv_global_scale
+    from quantize.scheme import get_scheme
+    from quantize.signround import QuantizedWeight
+    from quantize.weight_rules import quantize_weight as rule_quantize
+
+    scheme = get_scheme(scheme_name)
+    ctx = {"global_scale": global_scale.to(w.device)} if global_scale is not None else None
+    q, scales, zeros, extra = rule_quantize(w.float(), scheme, ctx=ctx)
+    if scheme_name == "NVFP4":
+        extra["input_global_scale"] = nv_global_scale(NVFP4_INPUT_AMAX)
+    extra = {k: v.to(w.device) for k, v in extra.items()}
+    return layer_tensors(name, QuantizedWeight(q, scales, zeros, scheme, extra))
+
+
+def write_fp_config(folder: Path, scheme_name: str, layers: int, shape: dict) -> None:
+    """config.json's quantization_config as our llm_compressor exporter writes it (lm_head and the kept
+    layers ignored)."""
+    from types import SimpleNamespace
+
+    from compressed_tensors.compressors import ModelCompressor
+
+    from quantize.export.compressed_tensors_fp import quantization_config
+    from quantize.scheme import get_scheme
+
+    quantized = {f"model.layers.{i}.{leaf}": SimpleNamespace(scheme=get_scheme(scheme_name))
+                 for i in range(layers) for leaf in shape["linears"]}
+    linear = dict.fromkeys(quantized, None) | {f"model.layers.{i}.{k}": None for i in range(layers) for k in shape["kept"]}
+    linear["lm_head"] = None
+    config = quantization_config(SimpleNamespace(layers=quantized, linear_shapes=linear))
+    ModelCompressor(quantization_config=config).update_config(str(folder))
 
 
 def kernels_in_use(llm) -> list[str]:
@@ -176,10 +243,11 @@ def measure(ckpt: Path, quantization: str | None, eager: bool, batches: list[int
               max_num_seqs=max(batches), seed=0, enforce_eager=eager)
     methods = llm.apply_model(lambda m: sorted({type(mod.quant_method).__name__ for mod in m.modules() if getattr(mod, "quant_method", None) is not None}))[0]
     kernels = kernels_in_use(llm)
+    schemes = llm.apply_model(lambda m: sorted({type(mod.scheme).__name__ for mod in m.modules() if getattr(mod, "scheme", None) is not None}))[0]
     prompt = {"prompt_token_ids": [(7 * i) % 8000 + 10 for i in range(prompt_len)]}
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate([prompt] * max(batches), SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
-    result = {"methods": methods, "kernels": kernels, "tok_s": {}}
+    result = {"methods": methods, "kernels": kernels, "schemes": schemes, "tok_s": {}}
     scored = [(11 * i) % 8000 + 10 for i in range(64)]
     out = llm.generate([{"prompt_token_ids": scored}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     result["prompt_logprobs"] = [lp[t].logprob for t, lp in zip(scored[1:], out.prompt_logprobs[1:])]
@@ -227,15 +295,78 @@ def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
 
 
 GREEDY_PROMPTS = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
+SCORED_TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+               "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+               "a neighbourhood, this truth is so well fixed in the minds of the surrounding families")
+
+
+def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int = 32) -> dict:
+    """The reference model quantized with each FP scheme (iters 0; NVFP4 calibrates its activation scales on
+    the bundled text) and exported as llm_compressor: vLLM's compressed-tensors method (bf16) against the
+    same quantized model in transformers, computing as our emulation does (dequantized weights, activations
+    fake-quantized; float32): greedy text and the largest |prompt log-prob difference|. The unquantized
+    model's row (vLLM bf16 against transformers float32) is the noise floor of that comparison."""
+    import torch
+
+    import quantize  # noqa: F401
+    from quantize.calib import calibration_ids
+    from quantize.export.registry import FormatSpec, export
+    from quantize.export.source import ExportSource
+    from quantize.layer_config import plan_layers
+    from quantize.model import find_blocks, load_model
+    from quantize.presets import TuneConfig
+    from quantize.quantizer import quantize_model
+    from quantize.scheme import get_scheme
+
+    result = {}
+    for name in ["bf16", *schemes]:
+        model, tok = load_model(str(reference))
+        model.float().cuda()
+        ckpt = reference
+        if name != "bf16":
+            scheme = get_scheme(name)
+            blocks = find_blocks(model)
+            ids = calibration_ids("bundled", tok, nsamples=32, seqlen=512, seed=0)
+            run = quantize_model(model, blocks, plan_layers(model, blocks.prefix, scheme), ids,
+                                 TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), torch.device("cuda"), progress=False)
+        with torch.no_grad():
+            hf_text = []
+            for prompt in GREEDY_PROMPTS:
+                ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+                out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+                hf_text.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            scored = tok(SCORED_TEXT, return_tensors="pt").input_ids.cuda()
+            logp = model(scored).logits[0].float().log_softmax(-1)
+            hf_logprobs = logp[:-1].gather(1, scored[0, 1:, None])[:, 0].tolist()
+        if name != "bf16":
+            ckpt = work / f"reference-{name}"
+            shutil.rmtree(ckpt, ignore_errors=True)
+            model.cpu().to(torch.bfloat16)
+            (ckpt,) = export(ExportSource.from_run(model, tok, run, scheme), [FormatSpec("llm_compressor")], ckpt)
+        del model
+        torch.cuda.empty_cache()
+        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", "bfloat16", "--new-tokens", str(tokens)], 300)
+        vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
+        row = {"transformers": hf_text, "vllm": vl, "equal": hf_text == vl.get("text")}
+        if "prompt_logprobs" in vl:
+            row["max_logprob_diff"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], hf_logprobs))
+        result[name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "transformers"})[:800], flush=True)
+    return result
 
 
 def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=ckpt, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, seed=0)
     kernels = kernels_in_use(llm)
+    methods = llm.apply_model(lambda m: sorted({type(mod.scheme).__name__ for mod in m.modules() if getattr(mod, "scheme", None) is not None}))[0]
     outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
-    return {"text": [o.outputs[0].text for o in outs], "kernels": kernels}
+    scored = AutoTokenizer.from_pretrained(ckpt)(SCORED_TEXT).input_ids
+    lp = llm.generate([{"prompt_token_ids": scored}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    return {"text": [o.outputs[0].text for o in outs], "kernels": kernels, "schemes": methods,
+            "prompt_logprobs": [p[t].logprob for t, p in zip(scored[1:], lp.prompt_logprobs[1:])]}
 
 
 def run_row(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -259,6 +390,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/vllm-bench")
     p.add_argument("--tokenizer", default=".gpu/model", help="folder with the tokenizer (vocab 8192)")
     p.add_argument("--reference", default=None, help="a real model for the greedy-text check")
+    p.add_argument("--fp-reference", default=None, help=f"the same check for the FP schemes' llm_compressor exports "
+                   f"in vLLM's compressed-tensors method ({', '.join(FP_SCHEMES)}), against transformers' emulation")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama",
                    help="llama: Llama-2-7B's layer; qwen3_moe: Qwen3-30B-A3B's (128 experts, 8 routed)")
     p.add_argument("--layers", type=int, default=32)
@@ -293,9 +426,11 @@ def main() -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
-    # all schemes a row of this shape can use, so that later calls on the same machine reuse the folder
-    needed = sorted({ROWS[r][0].split("-")[0] for r in DEFAULT_ROWS[args.shape] + rows} - {"bf16"})
-    if not all((work / n / "config.json").exists() for n in ["bf16", *needed, *(f"W4A16-{k}" for k in FORCED)]):
+    # the schemes the rows use (written together: one random model); a later call on the same machine with
+    # the same rows reuses the folder
+    needed = sorted({ROWS[r][0].split("-")[0] for r in rows} - {"bf16"})
+    forced = [f"W4A16-{k}" for k in FORCED] if "W4A16" in needed else []
+    if not all((work / n / "config.json").exists() for n in ["bf16", *needed, *forced]):
         t0 = time.time()
         build_checkpoints(work, Path(args.tokenizer), SHAPES[args.shape](args.layers), args.layers, needed)
         print(f"checkpoints written in {time.time() - t0:.0f} s", flush=True)
@@ -332,6 +467,10 @@ def main() -> None:
     if args.reference and "greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
         info["greedy"] = greedy_check(Path(args.reference), work)
         print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
+    if args.fp_reference and "fp_greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
+        info["fp_greedy"] = fp_greedy_check(Path(args.fp_reference), work, list(FP_SCHEMES))
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     base = info["rows"].get("bf16", {}).get("tok_s", {})
