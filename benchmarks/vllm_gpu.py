@@ -329,6 +329,7 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
             ids = calibration_ids("bundled", tok, nsamples=32, seqlen=512, seed=0)
             run = quantize_model(model, blocks, plan_layers(model, blocks.prefix, scheme), ids,
                                  TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), torch.device("cuda"), progress=False)
+            model.cuda()  # quantize_model leaves each finished block on the host
         with torch.no_grad():
             hf_text = []
             for prompt in GREEDY_PROMPTS:
