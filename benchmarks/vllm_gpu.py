@@ -348,11 +348,13 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
         torch.cuda.empty_cache()
         out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", "bfloat16", "--new-tokens", str(tokens)], 300)
         vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
-        row = {"transformers": hf_text, "vllm": vl, "equal": hf_text == vl.get("text")}
+        row = {"equal": hf_text == vl.get("text")}
         if "prompt_logprobs" in vl:
             row["max_logprob_diff"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], hf_logprobs))
+        row.update(transformers=hf_text, vllm=vl)
         result[name] = row
-        print(name, json.dumps({k: v for k, v in row.items() if k != "transformers"})[:800], flush=True)
+        print(name, json.dumps({k: row[k] for k in ("equal", "max_logprob_diff") if k in row}), vl.get("schemes"),
+              vl.get("error", "")[-600:], flush=True)
     return result
 
 
