@@ -137,7 +137,7 @@ def quantize_parser() -> argparse.ArgumentParser:
                    '{"image": "path/to/img.jpg", "text": "..."} (paths relative to the file); the model\'s processor builds the '
                    "prompts, images are resized to the first one's size. Default: text-only calibration")
     o = p.add_argument_group("output")
-    o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
+    o.add_argument("--format", default="auto_round", help="comma-separated checkpoint formats: auto_round, auto_gptq, auto_awq, llm_compressor, fp8 (DeepSeek-style, FP8_BLOCK), gguf:TYPE (q4_0, q4_k_m, ...), fake; several get a subfolder each")
     o.add_argument("--output_dir", "--output-dir", default=None, help="where the checkpoint goes (default ./checkpoints/NAME-SCHEME)")
     o.add_argument("--overwrite", action="store_true", help="replace an existing output folder, and start over instead of resuming an interrupted run")
     o.add_argument("--stream", "--low_cpu_mem_usage", "--low-cpu-mem-usage", dest="stream", action=argparse.BooleanOptionalAction, default=None,
