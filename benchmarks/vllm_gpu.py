@@ -33,6 +33,8 @@ SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 # FP and activation-quantized schemes, written in the llm_compressor format (compressed-tensors' compressors,
 # as our exporter writes them) and served by vLLM's own compressed-tensors method (issue 14).
 FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
+# FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
+DEEPSEEK = "FP8_BLOCK_fp8"
 FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 FORCED = ("triton", "tinygemm")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
@@ -48,6 +50,7 @@ ROWS = {
     # in a CUDA graph, hence eager; the reference the fused Marlin MoE rows are checked against.
     "W4A16 plugin (per-expert Triton, eager)": ("W4A16-triton", None, True),
     **{f"{n} llm_compressor": (n, None, False) for n in FP_SCHEMES},
+    "FP8_BLOCK fp8 (DeepSeek layout)": (DEEPSEEK, None, False),
 }
 DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r and "llm_compressor" not in r],
                 "qwen3_moe": ["bf16", "W4A16 vLLM built-in (inc)", "W4A16 plugin", "W4A16 plugin (per-expert Triton, eager)"]}
@@ -105,7 +108,7 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
 
     hidden = shape["hidden"]
     names = ["bf16"] + schemes
-    fp = [n for n in schemes if n in FP_SCHEMES]
+    fp = [n for n in schemes if n in FP_SCHEMES or n == DEEPSEEK]
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -193,15 +196,17 @@ NVFP4_INPUT_AMAX = 8.0
 
 
 def fp_layer(name: str, w, scheme_name: str, global_scale) -> dict:
-    """One layer's llm_compressor tensors, by our exporter's per-layer function (compressed-tensors'
-    compressor, its codes checked against ours), computed on the weight's device."""
-    from quantize.export.compressed_tensors_fp import layer_tensors
+    """One layer's tensors, by our exporter's per-layer function (llm_compressor: compressed-tensors'
+    compressor, its codes checked against ours; the DeepSeek layout: our codes as they are), computed on
+    the weight's device."""
+    from quantize.export import compressed_tensors_fp, fp8
     from quantize.numerics_nvfp4 import global_scale as nv_global_scale
     from quantize.scheme import get_scheme
     from quantize.signround import QuantizedWeight
     from quantize.weight_rules import quantize_weight as rule_quantize
 
-    scheme = get_scheme(scheme_name)
+    layer_tensors = fp8.layer_tensors if scheme_name == DEEPSEEK else compressed_tensors_fp.layer_tensors
+    scheme = get_scheme("FP8_BLOCK" if scheme_name == DEEPSEEK else scheme_name)
     ctx = {"global_scale": global_scale.to(w.device)} if global_scale is not None else None
     q, scales, zeros, extra = rule_quantize(w.float(), scheme, ctx=ctx)
     if scheme_name == "NVFP4":
@@ -217,15 +222,20 @@ def write_fp_config(folder: Path, scheme_name: str, layers: int, shape: dict) ->
 
     from compressed_tensors.compressors import ModelCompressor
 
-    from quantize.export.compressed_tensors_fp import quantization_config
+    from quantize.export import compressed_tensors_fp, fp8
     from quantize.scheme import get_scheme
 
-    quantized = {f"model.layers.{i}.{leaf}": SimpleNamespace(scheme=get_scheme(scheme_name))
-                 for i in range(layers) for leaf in shape["linears"]}
+    scheme = get_scheme("FP8_BLOCK" if scheme_name == DEEPSEEK else scheme_name)
+    quantized = {f"model.layers.{i}.{leaf}": SimpleNamespace(scheme=scheme) for i in range(layers) for leaf in shape["linears"]}
     linear = dict.fromkeys(quantized, None) | {f"model.layers.{i}.{k}": None for i in range(layers) for k in shape["kept"]}
     linear["lm_head"] = None
-    config = quantization_config(SimpleNamespace(layers=quantized, linear_shapes=linear))
-    ModelCompressor(quantization_config=config).update_config(str(folder))
+    source = SimpleNamespace(layers=quantized, linear_shapes=linear)
+    if scheme_name == DEEPSEEK:
+        c = json.loads((folder / "config.json").read_text())
+        c["quantization_config"] = fp8.quantization_config(source)
+        (folder / "config.json").write_text(json.dumps(c, indent=2))
+        return
+    ModelCompressor(quantization_config=compressed_tensors_fp.quantization_config(source)).update_config(str(folder))
 
 
 def kernels_in_use(llm) -> list[str]:
