@@ -212,3 +212,15 @@ def test_tied_lm_head_stays_16_bit_with_its_reason(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lm_head (lm_head shares its weight with the input embeddings)" in r.stdout
     assert "extra_config" not in _config(tmp_path / "out")
+
+
+def test_vllm_and_sglang_plugins_refuse_a_quantized_lm_head(formats):
+    """vLLM's ParallelLMHead pads and shards the vocabulary; our plugins do not serve a packed lm_head yet and
+    say so at load, naming the fixes (test_vllm_plugin drives vLLM itself)."""
+    from quantize.checkpoint import CheckpointConfig, ConfigError
+    from quantize.integrations.packed_linear import refuse_quantized_lm_head
+
+    out, _ = formats
+    config = CheckpointConfig.from_dict(_config(out / "auto_round"))
+    with pytest.raises(ConfigError, match="quantized lm_head is not served.*without --quant-lm-head, or load it with transformers"):
+        refuse_quantized_lm_head(config, "lm_head", "vLLM")
