@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from quantize.export.fused import fused_groups
 from quantize.layer_config import KEEP_BITS
-from quantize.model import Blocks, UserError, block_output, capture_block_inputs, compute_dtype
+from quantize.model import Blocks, UserError, block_output, capture_block_inputs, compute_dtype, final_norm
 from quantize.numerics import fake_quantize
 from quantize.packing import layout_fits
 from quantize.scheme import SCHEMES, Scheme, get_scheme, match_name
@@ -326,11 +326,7 @@ def _unit(name, members, options, scope, scores, ignore_scale_zp_bits) -> Unit:
 def _head_modules(model: nn.Module, blocks: Blocks) -> tuple[nn.Module | None, nn.Module]:
     """The final norm after the blocks and the output projection (lm_head)."""
     parent = model.get_submodule(blocks.prefix.rpartition(".")[0]) if "." in blocks.prefix else model
-    norm = None
-    for attr in ("norm", "final_layer_norm", "ln_f", "final_norm"):
-        if isinstance(getattr(parent, attr, None), nn.Module):
-            norm = getattr(parent, attr)
-            break
+    norm = final_norm(model, blocks)
     head = model.get_output_embeddings()
     if head is None:
         raise UserError(f"AutoScheme needs the model's output projection; {type(model).__name__} has none")

@@ -417,7 +417,9 @@ def _summary(model, result, folders: list[Path], seconds: float, ppl_before, ppl
     for layer, why in result.plan.keep.items():
         reasons.setdefault(why, []).append(layer)
     print("\nsummary")
-    print(f"  quantized   {len(result.weights)} linear layers in {len(result.blocks.modules)} blocks ({result.seconds:.1f} s of tuning)")
+    outside = [n for n in result.weights if not n.startswith(result.blocks.prefix + ".")]  # lm_head
+    print(f"  quantized   {len(result.weights) - len(outside)} linear layers in {len(result.blocks.modules)} blocks"
+          + (f", and {', '.join(outside)} rounded to nearest (not tuned)" if outside else "") + f" ({result.seconds:.1f} s of tuning)")
     missed, experts = getattr(result, "unrouted", (0, 0))
     if experts:
         print(f"  MoE         {experts - missed} of {experts} experts saw calibration tokens; {missed} no token reached "

@@ -143,6 +143,16 @@ def find_blocks(model: nn.Module) -> Blocks:
     )
 
 
+def final_norm(model: nn.Module, blocks: Blocks) -> nn.Module | None:
+    """The norm between the last block and the output projection (lm_head), or None where the model has
+    none under a name we know."""
+    parent = model.get_submodule(blocks.prefix.rpartition(".")[0]) if "." in blocks.prefix else model
+    for attr in ("norm", "final_layer_norm", "ln_f", "final_norm"):
+        if isinstance(getattr(parent, attr, None), nn.Module):
+            return getattr(parent, attr)
+    return None
+
+
 def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from quantize import distributed
 from quantize.calib_images import ImageCalibration
 from quantize.layer_config import LayerPlan
-from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, per_block_kwargs, uses_amp
+from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, final_norm, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
 from quantize.signround import (QuantizedWeight, block_forward, compiles, round_block, searched_layers, settle_compile,
@@ -80,6 +80,59 @@ def _stop_at_block_boundary(enabled: bool):
         signal.signal(signal.SIGINT, previous)
 
 
+class _Head(nn.Module):
+    """The final norm and lm_head as one block, so that round_block calibrates lm_head's static activation
+    scales (and searches its clipping) on what lm_head sees in the model: the last block's outputs, normed."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
+
+
+def _outside_blocks(model: nn.Module, blocks: Blocks, plan: LayerPlan, cfg: TuneConfig) -> dict[str, tuple]:
+    """The planned layers outside the blocks (only lm_head: plan_layers plans nothing else there), each with
+    its scheme and whether rounding it runs the calibration text through the head; refused up front where
+    that needs a final norm we cannot find."""
+    outside = {n: s for n, s in plan.quantize.items() if not n.startswith(blocks.prefix + ".")}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, scheme in outside.items():
+        if model.get_submodule(name) is not head:
+            raise ValueError(f"{name} is planned for quantization outside the blocks, but only lm_head can be")
+        needs_inputs = scheme.static_activations or bool(searched_layers(cfg, {name: scheme}))
+        if needs_inputs and final_norm(model, blocks) is None:
+            raise UserError(
+                f"{name} with {scheme.name}{' and a clipping search' if not scheme.static_activations else ''} needs its inputs, "
+                f"the last block's outputs through the final norm, which {type(model).__name__} has under no name we know: "
+                "drop --quant-lm-head, or quantize it with a weight-only scheme and without --init-clip")
+        out[name] = (scheme, needs_inputs)
+    return out
+
+
+@torch.no_grad()
+def _round_outside_blocks(model, blocks, outside, inputs, cfg, device, dtype, model_dtype, amp, log) -> dict[str, QuantizedWeight]:
+    """Round ``outside`` (lm_head) to nearest after the blocks, as AutoRound does when it does not tune it
+    (AutoRound tunes lm_head layer-wise on cached inputs when iters > 0; here it is never tuned).
+    ``inputs``: the last block's outputs (None at round-to-nearest without a pass)."""
+    weights = {}
+    for name, (scheme, needs_inputs) in outside.items():
+        t0 = time.time()
+        module, norm = model.get_submodule(name), final_norm(model, blocks)
+        head = _Head(norm if needs_inputs else nn.Identity(), module).to(device, dtype)
+        searched = searched_layers(cfg, {"lm_head": scheme})
+        qw = round_block(head, {"lm_head": scheme}, inputs if needs_inputs else None, {}, cfg.batch_size, amp, searched)["lm_head"]
+        head.to("cpu", model_dtype)
+        module.weight.data = qw.dequantize(model_dtype)  # what a loaded checkpoint computes with
+        weights[name] = qw.to("cpu")
+        how = ", ".join(["rounded to nearest"] + (["activation scale calibrated"] if scheme.static_activations else [])
+                        + (["clipping searched"] if searched else []))
+        log(f"{name}: {scheme.name}, {how} ({time.time() - t0:.1f} s)")
+    return weights
+
+
 def run_settings(plan: LayerPlan, cfg: TuneConfig, device: torch.device, model_dtype: torch.dtype, n_blocks: int) -> dict:
     """What decides a run's result, for the resume manifest."""
     return {
@@ -134,6 +187,7 @@ def quantize_model(
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
     cfg = settle_compile(cfg, device, list(blocks.modules))
+    outside = _outside_blocks(model, blocks, plan, cfg)  # before tuning: a refusal costs nothing
     # Round-to-nearest with no activation scale to calibrate and no clipping search needs no forward pass
     # at all; otherwise one pass to calibrate (and search) and one for the next block's (quantized) inputs.
     searches = bool(searched_layers(cfg, plan.quantize))
@@ -232,5 +286,9 @@ def quantize_model(
                               f"from block {i + 2} (state in {state.folder})")
     if streamer and team.leader:
         result.weights, _ = state.stored(len(blocks.modules))
+    if outside:
+        log = bar.write if team.leader else (lambda _msg: None)
+        result.weights.update(_round_outside_blocks(model, blocks, outside, None if rounds_only else q_inputs, cfg, device,
+                                                    dtype, model_dtype, amp, log))
     result.seconds = time.time() - start
     return result

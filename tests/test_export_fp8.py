@@ -174,8 +174,8 @@ def test_other_schemes_are_refused_before_loading(scheme, fix, tmp_path, capsys)
 
 
 def test_quantized_lm_head_is_refused_and_nothing_is_written(runs, tmp_path):
-    """vLLM's Fp8Config quantizes LinearBase layers only, so its lm_head stays 16-bit. (Unreachable from the CLI
-    today: quantize_model tunes the blocks only and leaves a planned lm_head 16-bit, --quant-lm-head or not.)"""
+    """vLLM's Fp8Config quantizes LinearBase layers only, so its lm_head stays 16-bit. (From the CLI: --quant-lm-head
+    with --format fp8; the refusal comes at export, after tuning.)"""
     from dataclasses import replace
 
     from quantize.export.registry import ExportError

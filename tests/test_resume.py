@@ -105,3 +105,15 @@ def test_other_settings_or_inputs_refuse_to_resume(model, tmp_path):
     fresh = _run(_command(model, out, "--overwrite", "--iters", "2"))
     assert fresh.returncode == 0 and "resuming" not in fresh.stderr, fresh.stderr[-2000:]
     assert (out / "config.json").exists() and not resume.exists()
+
+
+def test_quantized_lm_head_resumes_to_the_same_bytes(model, tmp_path):
+    """lm_head is rounded after the last block, from the carry a resumed run reads: the same checkpoint."""
+    whole = tmp_path / "whole"
+    assert _run(_command(model, whole, "--quant-lm-head")).returncode == 0
+    out = tmp_path / "ckpt"
+    cmd = _command(model, out, "--quant-lm-head")
+    _interrupt(cmd, tmp_path / ".ckpt.resume", signal.SIGKILL, after_block=2)
+    run = _run(cmd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _files(out) == _files(whole) and "lm_head.qweight" in _files(out)["model.safetensors"].decode("latin-1")

@@ -223,3 +223,16 @@ def test_checkpoint_writer_holds_one_layers_tensors_at_a_time(tmp_path):
     for shard in tmp_path.glob("*.safetensors"):
         written.update(load_file(shard))
     assert all(torch.equal(written[f"layer{i}.qweight"], pack(i)["qweight"]) for i in range(20))
+
+
+def test_quantized_lm_head_streams(model, tmp_path):
+    """--quant-lm-head: lm_head is read whole with the other tensors outside the blocks and rounded after them,
+    the same bytes as an in-memory run."""
+    runs = {}
+    for flag in ("--stream", "--no-stream"):
+        out = tmp_path / flag
+        run = _run(_command(model, out, flag, "--quant-lm-head"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[flag] = _files(out)
+    assert runs["--stream"] == runs["--no-stream"]
+    assert '"lm_head"' in runs["--stream"]["config.json"].decode()
