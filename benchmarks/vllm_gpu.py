@@ -35,7 +35,6 @@ SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
 # FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
 DEEPSEEK = "FP8_BLOCK_fp8"
-FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 FORCED = ("triton", "tinygemm")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
@@ -102,9 +101,11 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
     import torch
     from safetensors.torch import save_file
 
+    from quantize.act_quant import weight_contexts
     from quantize.checkpoint import CheckpointConfig
     from quantize.numerics import quantize_weight
     from quantize.packing import pack
+    from quantize.scheme import get_scheme
 
     hidden = shape["hidden"]
     names = ["bf16"] + schemes
@@ -148,13 +149,14 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
             for n in names:
                 shard[n][f"model.layers.{i}.{leaf}.weight"] = w
         weights = {leaf: rand(out_f, in_f) for leaf, (out_f, in_f) in shape["linears"].items()}
-        global_scales = fused_global_scales(weights)
+        # NVFP4's global scales as tuning fixes them (fused q/k/v and gate/up share one)
+        nv_contexts = weight_contexts(weights, dict.fromkeys(weights, get_scheme("NVFP4"))) if "NVFP4" in fp else {}
         for leaf in shape["linears"]:
             w = weights[leaf]
             key = f"model.layers.{i}.{leaf}"
             shard["bf16"][f"{key}.weight"] = w.cpu()
             for n in fp:
-                shard[n].update({f"{key}.{k}": v.cpu() for k, v in fp_layer(key, w, n, global_scales.get(leaf)).items()})
+                shard[n].update({f"{key}.{k}": v.cpu() for k, v in fp_layer(key, w, n, nv_contexts.get(leaf) if n == "NVFP4" else None).items()})
             for n in (n for n in schemes if n in SCHEMES):
                 q, s, z = quantize_weight(w.float(), SCHEMES[n], 128, True)
                 p = pack("gptq", q, s, z, SCHEMES[n])
@@ -179,35 +181,28 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
                     (forced / f.name).symlink_to(f.resolve())
 
 
-def fused_global_scales(weights: dict) -> dict:
-    """NVFP4: the parts vLLM fuses (q/k/v, gate/up) share one global scale, as our tuning fixes it."""
-    from quantize.numerics_nvfp4 import fused_global_scale
+def fp_scheme(name: str):
+    """The scheme of an FP checkpoint name (the DeepSeek-layout one holds FP8_BLOCK)."""
+    from quantize.scheme import get_scheme
 
-    out = {}
-    for group in FUSED:
-        if all(g in weights for g in group):
-            gs = fused_global_scale([weights[g].float().abs().amax() for g in group])
-            out.update(dict.fromkeys(group, gs))
-    return out
+    return get_scheme("FP8_BLOCK" if name == DEEPSEEK else name)
 
 
 # NVFP4's static activation scale from an assumed input amax (random model: speed only, nothing calibrated)
 NVFP4_INPUT_AMAX = 8.0
 
 
-def fp_layer(name: str, w, scheme_name: str, global_scale) -> dict:
+def fp_layer(name: str, w, scheme_name: str, ctx: dict | None) -> dict:
     """One layer's tensors, by our exporter's per-layer function (llm_compressor: compressed-tensors'
     compressor, its codes checked against ours; the DeepSeek layout: our codes as they are), computed on
     the weight's device."""
     from quantize.export import compressed_tensors_fp, fp8
     from quantize.numerics_nvfp4 import global_scale as nv_global_scale
-    from quantize.scheme import get_scheme
     from quantize.signround import QuantizedWeight
     from quantize.weight_rules import quantize_weight as rule_quantize
 
     layer_tensors = fp8.layer_tensors if scheme_name == DEEPSEEK else compressed_tensors_fp.layer_tensors
-    scheme = get_scheme("FP8_BLOCK" if scheme_name == DEEPSEEK else scheme_name)
-    ctx = {"global_scale": global_scale.to(w.device)} if global_scale is not None else None
+    scheme = fp_scheme(scheme_name)
     q, scales, zeros, extra = rule_quantize(w.float(), scheme, ctx=ctx)
     if scheme_name == "NVFP4":
         extra["input_global_scale"] = nv_global_scale(NVFP4_INPUT_AMAX)
@@ -223,9 +218,8 @@ def write_fp_config(folder: Path, scheme_name: str, layers: int, shape: dict) ->
     from compressed_tensors.compressors import ModelCompressor
 
     from quantize.export import compressed_tensors_fp, fp8
-    from quantize.scheme import get_scheme
 
-    scheme = get_scheme("FP8_BLOCK" if scheme_name == DEEPSEEK else scheme_name)
+    scheme = fp_scheme(scheme_name)
     quantized = {f"model.layers.{i}.{leaf}": SimpleNamespace(scheme=scheme) for i in range(layers) for leaf in shape["linears"]}
     linear = dict.fromkeys(quantized, None) | {f"model.layers.{i}.{k}": None for i in range(layers) for k in shape["kept"]}
     linear["lm_head"] = None
