@@ -94,8 +94,8 @@ class _Head(nn.Module):
 
 def _outside_blocks(model: nn.Module, blocks: Blocks, plan: LayerPlan, cfg: TuneConfig) -> dict[str, tuple]:
     """The planned layers outside the blocks (only lm_head: plan_layers plans nothing else there), each with
-    its scheme and whether rounding it runs the calibration text through the head; refused up front where
-    that needs a final norm we cannot find."""
+    its scheme and, where rounding it runs the calibration text through the head, the final norm in front of
+    it (else None); refused up front where that needs a final norm we cannot find."""
     outside = {n: s for n, s in plan.quantize.items() if not n.startswith(blocks.prefix + ".")}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = {}
@@ -103,27 +103,28 @@ def _outside_blocks(model: nn.Module, blocks: Blocks, plan: LayerPlan, cfg: Tune
         if model.get_submodule(name) is not head:
             raise ValueError(f"{name} is planned for quantization outside the blocks, but only lm_head can be")
         needs_inputs = scheme.static_activations or bool(searched_layers(cfg, {name: scheme}))
-        if needs_inputs and final_norm(model, blocks) is None:
+        norm = final_norm(model, blocks) if needs_inputs else None
+        if needs_inputs and norm is None:
             raise UserError(
                 f"{name} with {scheme.name}{' and a clipping search' if not scheme.static_activations else ''} needs its inputs, "
                 f"the last block's outputs through the final norm, which {type(model).__name__} has under no name we know: "
                 "drop --quant-lm-head, or quantize it with a weight-only scheme and without --init-clip")
-        out[name] = (scheme, needs_inputs)
+        out[name] = (scheme, norm)
     return out
 
 
 @torch.no_grad()
-def _round_outside_blocks(model, blocks, outside, inputs, cfg, device, dtype, model_dtype, amp, log) -> dict[str, QuantizedWeight]:
+def _round_outside_blocks(model, outside, inputs, cfg, device, dtype, model_dtype, amp, log) -> dict[str, QuantizedWeight]:
     """Round ``outside`` (lm_head) to nearest after the blocks, as AutoRound does when it does not tune it
     (AutoRound tunes lm_head layer-wise on cached inputs when iters > 0; here it is never tuned).
     ``inputs``: the last block's outputs (None at round-to-nearest without a pass)."""
     weights = {}
-    for name, (scheme, needs_inputs) in outside.items():
+    for name, (scheme, norm) in outside.items():
         t0 = time.time()
-        module, norm = model.get_submodule(name), final_norm(model, blocks)
-        head = _Head(norm if needs_inputs else nn.Identity(), module).to(device, dtype)
+        module = model.get_submodule(name)
+        head = _Head(norm if norm is not None else nn.Identity(), module).to(device, dtype)
         searched = searched_layers(cfg, {"lm_head": scheme})
-        qw = round_block(head, {"lm_head": scheme}, inputs if needs_inputs else None, {}, cfg.batch_size, amp, searched)["lm_head"]
+        qw = round_block(head, {"lm_head": scheme}, inputs if norm is not None else None, {}, cfg.batch_size, amp, searched)["lm_head"]
         head.to("cpu", model_dtype)
         module.weight.data = qw.dequantize(model_dtype)  # what a loaded checkpoint computes with
         weights[name] = qw.to("cpu")
@@ -288,7 +289,7 @@ def quantize_model(
         result.weights, _ = state.stored(len(blocks.modules))
     if outside:
         log = bar.write if team.leader else (lambda _msg: None)
-        result.weights.update(_round_outside_blocks(model, blocks, outside, None if rounds_only else q_inputs, cfg, device,
+        result.weights.update(_round_outside_blocks(model, outside, None if rounds_only else q_inputs, cfg, device,
                                                     dtype, model_dtype, amp, log))
     result.seconds = time.time() - start
     return result
