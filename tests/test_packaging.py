@@ -3,6 +3,11 @@
 import importlib.metadata as md
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _top_level(dist) -> set[str]:
@@ -29,20 +34,24 @@ def test_only_quantize_is_installed_and_unique():
     assert "quantize" not in others, f"'quantize' is also installed by {others.get('quantize')}"
 
 
-def test_kernels_folder_does_not_shadow_hf_kernels():
-    # Outside the repository, `kernels` and `integrations` must not resolve to our folders, and
-    # transformers must not believe Hugging Face's `kernels` package is installed because of us.
+@pytest.mark.parametrize("cwd", ["/", str(REPO)], ids=["outside", "repository-root"])
+def test_kernels_folder_does_not_shadow_hf_kernels(cwd):
+    # `kernels` and `integrations` must not resolve to our folders, and transformers must not believe
+    # Hugging Face's `kernels` package is installed because of us: neither from elsewhere nor from the
+    # repository root, where `python -m quantize` puts the current folder first on sys.path
+    # (transformers 5.25+ imports `kernels` when it is installed, and failed on a folder of ours).
     code = (
         "import importlib.util, quantize.kernels, quantize.integrations.transformers;"
         "from transformers.utils import is_kernels_available;"
         "s = importlib.util.find_spec('kernels');"
         "assert s is None or 'quantize' not in str(s.origin or s.submodule_search_locations), s;"
         "assert importlib.util.find_spec('integrations') is None;"
-        "import transformers; print(is_kernels_available())"
+        "import transformers.activations; print(is_kernels_available())"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd)
     assert r.returncode == 0, r.stderr
-    has_hf_kernels = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; m.version('kernels')"], capture_output=True).returncode == 0
+    has_hf_kernels = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; m.version('kernels')"],
+                                    capture_output=True, cwd="/").returncode == 0
     assert r.stdout.strip() == str(has_hf_kernels)
 
 
