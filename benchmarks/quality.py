@@ -46,7 +46,9 @@ OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"ini
                  "ours-fp32": {"amp": False}, "ours-bf16": {"amp": True}}
 # AutoRound's variants: at iters 0, "intel" is its plain RTN (disable_opt_rtn), "intel-optrtn" its default
 # "optimized RTN" (imatrix-weighted scale search), against which "ours-clip" (--init-clip) compares.
-INTEL_VARIANTS = {"intel": {}, "intel-optrtn": {"opt_rtn": True}}
+# "intel-fp32": AutoRound with amp off; on a CPU it otherwise computes in bf16 whatever the CPU, which an
+# AVX2-only CPU runs ~70x slower than float32.
+INTEL_VARIANTS = {"intel": {}, "intel-optrtn": {"opt_rtn": True}, "intel-fp32": {"amp": False}}
 
 
 def intel_settings(cfg) -> dict:
@@ -104,7 +106,7 @@ def run_ours(base, scheme, cfg, calib, device, auto=None):
     return model, time.time() - t0, bits if bits is not None else counted_bits(model, scheme)
 
 
-def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto=None):
+def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto=None, **extra):
     from auto_round import AutoRound
 
     model = copy.deepcopy(base)
@@ -131,7 +133,7 @@ def run_intel(base, tok, scheme, cfg, calib, device, opt_rtn: bool = False, auto
             how.update(scheme=how["scheme"][: -len("A16")], act_bits=16)
         how.update(disable_opt_rtn=cfg.iters == 0 and not opt_rtn, dataset=[row.unsqueeze(0) for row in calib])
     ar = AutoRound(model, tokenizer=tok, **how, device_map=0 if device.type == "cuda" else "cpu",
-                   disable_model_free=True, **intel_settings(cfg))
+                   disable_model_free=True, **intel_settings(cfg), **extra)
     sync(device)
     t0 = time.time()
     ar.quantize()  # leaves the quantize-dequantized weights in the model's layers
@@ -152,7 +154,7 @@ def main() -> None:
     p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
-                   "ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
+                   "intel-fp32: Intel with amp off (float32 on a CPU); ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
                    "clipping search before tuning (at --iters 0: the searched rounding); intel-optrtn: AutoRound's optimized RTN at iters 0; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
     p.add_argument("--auto-options", default="W2A16,W4A16,W8A16", help="AutoScheme's options for configs named auto@BITS "
                    "(e.g. --configs auto@3.0:auto-round,W2A16:auto-round: the mix at 3.0 bits beside uniform W2A16)")
@@ -223,7 +225,7 @@ def main() -> None:
     if not args.skip_bf16:
         info["bf16_ppl"] = ppl(base)
         print(f"BF16 ppl {info['bf16_ppl']:.2f}", flush=True)
-    print(f"{'scheme':9} {'preset':17} {'tool':6} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7} {'bits':>6}", flush=True)
+    print(f"{'scheme':9} {'preset':17} {'tool':10} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7} {'bits':>6}", flush=True)
     for scheme_name, preset, only in configs:
         results = {}
         for tool in tools:
@@ -262,12 +264,15 @@ def main() -> None:
                    "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor, "bits": bits}
             results[tool] = row
             info["rows"].append(row)
-            print(f"{scheme_name:9} {preset:17} {tool:6} {value:8.2f} {anchor or float('nan'):7.2f} {seconds:8.1f} "
+            print(f"{scheme_name:9} {preset:17} {tool:10} {value:8.2f} {anchor or float('nan'):7.2f} {seconds:8.1f} "
                   f"{peak or float('nan'):7.2f} {bits or float('nan'):6.3f}", flush=True)
             save()
-        if "ours" in results and "intel" in results:
-            o, i = results["ours"], results["intel"]
-            s = {"scheme": scheme_name, "preset": preset, "ppl_ours": o["ppl"], "ppl_intel": i["ppl"],
+        # the first of our variants beside the first of Intel's, in --tools order
+        ours = next((results[t] for t in tools if t.startswith("ours") and t in results), None)
+        intel = next((results[t] for t in tools if t in INTEL_VARIANTS and t in results), None)
+        if ours and intel:
+            o, i = ours, intel
+            s = {"scheme": scheme_name, "preset": preset, "tools": [o["tool"], i["tool"]], "ppl_ours": o["ppl"], "ppl_intel": i["ppl"],
                  "ppl_ratio": o["ppl"] / i["ppl"], "seconds_ours": o["seconds"], "seconds_intel": i["seconds"],
                  "time_ratio": o["seconds"] / i["seconds"]}
             info["summary"].append(s)
