@@ -48,7 +48,6 @@ Dimensions must be multiples of 32 (the vocabulary too): Intel keeps any other l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -58,13 +57,7 @@ import threading
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-# Python put this folder first on sys.path: its kernels.py would shadow Hugging Face's `kernels` package,
-# which transformers imports when it is installed.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-_speed = importlib.util.spec_from_file_location("speed", BENCH / "speed.py")
-speed = importlib.util.module_from_spec(_speed)
-_speed.loader.exec_module(speed)
+import speed  # this folder is first on sys.path
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, LAYERS = speed.SHAPES["8b"]
 VOCAB = 128256  # Llama-3's

@@ -1,8 +1,8 @@
 """Weight-only int GEMM kernels against bf16 torch.nn.functional.linear, on a CUDA GPU.
 
-  python benchmarks/kernels.py --json out.json            # the table: each kernel class's own dispatch
-  python benchmarks/kernels.py --bits 4 --kernels triton,tinygemm,tinygemm-op --graph  # W4 only, + graphs
-  python benchmarks/kernels.py --sweep --json sweep.json  # time candidate configs per (N, K, M), W4 g128
+  python benchmarks/kernel_speed.py --json out.json            # the table: each kernel class's own dispatch
+  python benchmarks/kernel_speed.py --bits 4 --kernels triton,tinygemm,tinygemm-op --graph  # W4 only, + graphs
+  python benchmarks/kernel_speed.py --sweep --json sweep.json  # time candidate configs per (N, K, M), W4 g128
 
 Times are medians of triton.testing.do_bench (CUDA events; do_bench clears L2 before every run, and
 every weight set here is larger than L2 anyway for the bf16 side).
