@@ -1,5 +1,5 @@
-"""Decode speed on the CPU in transformers: the unquantized bf16 model against its quantized checkpoints,
-each loaded with ``from_pretrained(path)`` defaults, on the kernel the dispatch picks and on the portable
+"""Decode speed on the CPU in transformers: the unquantized model (the row named bf16) against its quantized
+checkpoints, each loaded with ``from_pretrained(path)`` defaults (``--dtype float32``: all in float32), on the kernel the dispatch picks and on the portable
 path (kernel forced to ``torch``), in one process, rows interleaved over the repeats.
 
 Writes the checkpoints with ``python -m quantize MODEL --scheme S --iters 0`` (the kernels do not care how
@@ -60,6 +60,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="every row's compute dtype (auto: from_pretrained's default, the checkpoint's bf16); float32 on "
+                        "CPUs without bf16 instructions (AVX2-only), where bf16 products run ~70x slower")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -75,7 +78,7 @@ def main() -> None:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     models, kernels = {}, {}
     for name, path in rows.items():
-        models[name] = AutoModelForCausalLM.from_pretrained(path).eval()
+        models[name] = AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype).eval()
         picked = {m.kernel.name for m in models[name].modules() if type(m).__name__ == "QuantLinear" and m.kernel}
         kernels[name] = ",".join(sorted(picked)) or "F.linear"
         tokens_per_second(models[name], ids, 8)  # warm-up

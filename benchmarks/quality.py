@@ -46,8 +46,8 @@ OURS_VARIANTS = {"ours": {}, "ours-fp8": {"fp8_grads": True}, "ours-clip": {"ini
                  "ours-fp32": {"amp": False}, "ours-bf16": {"amp": True}}
 # AutoRound's variants: at iters 0, "intel" is its plain RTN (disable_opt_rtn), "intel-optrtn" its default
 # "optimized RTN" (imatrix-weighted scale search), against which "ours-clip" (--init-clip) compares.
-# "intel-fp32": AutoRound with amp off; on a CPU it otherwise computes in bf16 whatever the CPU, which an
-# AVX2-only CPU runs ~70x slower than float32.
+# "intel-fp32": AutoRound with amp off (float32 compute); on a CPU it computes in bf16 by default where the
+# CPU has AVX512_BF16 and in float32 elsewhere, so on an AVX2-only CPU this is its default.
 INTEL_VARIANTS = {"intel": {}, "intel-optrtn": {"opt_rtn": True}, "intel-fp32": {"amp": False}}
 
 
@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--presets", default="auto-round,auto-round-light,auto-round-best")
     p.add_argument("--configs", default=None, help="explicit SCHEME:PRESET[:TOOL] list, in this order (overrides --schemes/--presets)")
     p.add_argument("--tools", default="ours,intel", help="ours, intel or both (intel skipped if auto_round is missing); "
-                   "intel-fp32: Intel with amp off (float32 on a CPU); ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
+                   "intel-fp32: Intel with amp off (float32); ours-fp8: ours with float8 backward products (--fp8-grads); ours-clip / ours-noclip: with / without the "
                    "clipping search before tuning (at --iters 0: the searched rounding); intel-optrtn: AutoRound's optimized RTN at iters 0; ours-fp32 / ours-bf16: bf16 autocast off / on (default: by device)")
     p.add_argument("--auto-options", default="W2A16,W4A16,W8A16", help="AutoScheme's options for configs named auto@BITS "
                    "(e.g. --configs auto@3.0:auto-round,W2A16:auto-round: the mix at 3.0 bits beside uniform W2A16)")
