@@ -44,7 +44,7 @@ def test_kernels_folder_does_not_shadow_hf_kernels(cwd):
         "import importlib.util, quantize.kernels, quantize.integrations.transformers;"
         "from transformers.utils import is_kernels_available;"
         "s = importlib.util.find_spec('kernels');"
-        "assert s is None or 'quantize' not in str(s.origin or s.submodule_search_locations), s;"
+        f"assert s is None or not str(s.origin or s.submodule_search_locations).startswith({str(REPO)!r}), s;"
         "assert importlib.util.find_spec('integrations') is None;"
         "import transformers.activations; print(is_kernels_available())"
     )
@@ -52,7 +52,8 @@ def test_kernels_folder_does_not_shadow_hf_kernels(cwd):
     assert r.returncode == 0, r.stderr
     has_hf_kernels = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; m.version('kernels')"],
                                     capture_output=True, cwd="/").returncode == 0
-    assert r.stdout.strip() == str(has_hf_kernels)
+    if not has_hf_kernels:  # with it installed, transformers decides by its version; without it, never because of us
+        assert r.stdout.strip() == "False"
 
 
 def test_transformers_registration_is_ours():
