@@ -1,6 +1,7 @@
 """Decode speed on the CPU in transformers: the unquantized model (the row named bf16) against its quantized
-checkpoints, each loaded with ``from_pretrained(path)`` defaults (``--dtype float32``: all in float32), on the kernel the dispatch picks and on the portable
-path (kernel forced to ``torch``), in one process, rows interleaved over the repeats.
+checkpoints, each loaded with ``from_pretrained(path)`` defaults (``--dtype float32``: all in float32), on
+the kernel the dispatch picks and on the portable path (kernel forced to ``torch``), in one process, rows
+interleaved over the repeats.
 
 Writes the checkpoints with ``python -m quantize MODEL --scheme S --iters 0`` (the kernels do not care how
 the codes were tuned), then times greedy generation (batch 1) and prints tokens/s and the ratio to bf16.
