@@ -39,7 +39,7 @@ def random_layer(bits: int, group: int, sym: bool, n: int, k: int, device):
     layout = "gptq" if sym else "auto_round"
     p = pack(layout, q.cpu(), s.cpu(), z.cpu(), bits)
     ckpt = {"qweight": p.qweight.to(device), "qzeros": p.qzeros.to(device), "scales": p.scales.to(device)}
-    return LinearSpec(bits, group, sym, layout, k, n), ckpt, dequantize(q, s, z, torch.bfloat16)
+    return LinearSpec(bits, group, sym, layout, k, n, torch.bfloat16), ckpt, dequantize(q, s, z, torch.bfloat16)
 
 
 def make(bits: int, group: int, n: int, k: int, device):
@@ -181,7 +181,7 @@ def sweep(args, dev) -> None:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
-KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin")
+KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin", "humming")
 
 
 def vllm_single_rank(device) -> None:

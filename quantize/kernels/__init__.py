@@ -2,6 +2,7 @@
 implementations, each taking packed checkpoint tensors and computing ``x @ W.T + b``."""
 
 from quantize.kernels import (
+    humming,  # noqa: F401  (humming-kernels' GEMMs on CUDA, where installed: 2/3/4/8-bit, sym and asym)
     tinygemm,  # noqa: F401  (PyTorch core's int4 GEMM on CUDA, 4-bit layers)
     tinygemm_cpu,  # noqa: F401  (its CPU variant: 2/3/4-bit layers of bf16 models, decode)
     torch_ref,  # noqa: F401  (registers the portable path)
