@@ -35,7 +35,7 @@ SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
 # FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
 DEEPSEEK = "FP8_BLOCK_fp8"
-FORCED = ("triton", "tinygemm")
+FORCED = ("triton", "tinygemm", "humming")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
     "bf16": ("bf16", None, False),
@@ -43,6 +43,7 @@ ROWS = {
     "W4A16 plugin": ("W4A16", None, False),
     "W4A16 plugin (Triton)": ("W4A16-triton", None, False),
     "W4A16 plugin (tinygemm)": ("W4A16-tinygemm", None, False),
+    "W4A16 plugin (humming)": ("W4A16-humming", None, False),
     "W3A16 plugin": ("W3A16", None, False),
     "W2A16 plugin": ("W2A16", None, False),
     # MoE experts through our own kernels, one expert at a time: its host-side routing loop cannot be captured
@@ -270,22 +271,32 @@ def measure(ckpt: Path, quantization: str | None, eager: bool, batches: list[int
     return result
 
 
-def greedy_check(reference: Path, work: Path, tokens: int = 32) -> dict:
-    """The reference model quantized W4A16 (RTN): greedy text through the plugin vs transformers, on the GPU,
-    in float32 (our Triton kernel on both sides) and float16 (vLLM's Marlin in the plugin)."""
+def greedy_check(reference: Path, work: Path, scheme: str = "W4A16", tokens: int = 32) -> dict:
+    """The reference model quantized with ``scheme`` (RTN): greedy text through the plugin vs transformers, on
+    the GPU, in float32 and float16. transformers runs our Triton kernel (forced), so the float16 row checks
+    the plugin's own choice (vLLM's Marlin for W4, humming-kernels for W2/W3 where installed) against it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import quantize  # noqa: F401
     from quantize.cli import main as quantize_main
 
-    ckpt = work / "reference-w4"
+    ckpt = work / f"reference-{scheme.lower()}"
     if not ckpt.exists():
-        quantize_main([str(reference), "--scheme", "W4A16", "--iters", "0", "--output_dir", str(ckpt), "--quiet", "--no-eval"])
+        quantize_main([str(reference), "--scheme", scheme, "--iters", "0", "--output_dir", str(ckpt), "--quiet", "--no-eval"])
+    triton = work / f"reference-{scheme.lower()}-triton"
+    if not triton.exists():
+        triton.mkdir()
+        c = json.loads((ckpt / "config.json").read_text())
+        c["quantization_config"]["kernel"] = "triton"
+        (triton / "config.json").write_text(json.dumps(c, indent=2))
+        for f in ckpt.iterdir():
+            if f.name != "config.json":
+                (triton / f.name).symlink_to(f.resolve())
     tok = AutoTokenizer.from_pretrained(ckpt)
-    result = {}
+    result = {"scheme": scheme}
     for dtype in ("float32", "float16"):
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype), device_map="cuda")
+        model = AutoModelForCausalLM.from_pretrained(triton, dtype=getattr(torch, dtype), device_map="cuda")
         hf = []
         for p in GREEDY_PROMPTS:
             ids = tok(p, return_tensors="pt").input_ids.cuda()
@@ -433,6 +444,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/vllm-bench")
     p.add_argument("--tokenizer", default=".gpu/model", help="folder with the tokenizer (vocab 8192)")
     p.add_argument("--reference", default=None, help="a real model for the greedy-text check")
+    p.add_argument("--reference-scheme", default="W4A16", choices=sorted(SCHEMES), help="its scheme (default W4A16)")
     p.add_argument("--fp-reference", default=None, help=f"the same check for the FP schemes' llm_compressor exports "
                    f"in vLLM's compressed-tensors method ({', '.join(FP_SCHEMES)}), against transformers' emulation")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama",
@@ -489,6 +501,11 @@ def main() -> None:
         info["vllm"] = vllm.__version__
     except ImportError:
         sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
+    if args.reference and "greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
+        info["greedy"] = greedy_check(Path(args.reference), work, args.reference_scheme)
+        print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items() if isinstance(v, dict)}, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=2))
     for row in rows:
         if row in info["rows"]:
             continue
@@ -506,11 +523,6 @@ def main() -> None:
         else:
             info["rows"][row] = {**json.loads(out.stdout.strip().splitlines()[-1]), "kernel_log": picked[:10], "seconds": time.time() - t0}
         print(row, json.dumps(info["rows"][row])[:600], flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(info, indent=2))
-    if args.reference and "greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
-        info["greedy"] = greedy_check(Path(args.reference), work)
-        print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items()}, flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     fp_rows = ["bf16", *FP_SCHEMES, DEEPSEEK]
