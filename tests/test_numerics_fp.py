@@ -53,10 +53,12 @@ def test_cast_matches_reference(name):
     fmt, values = FORMATS[name]
     x = probe_values(values)
     expected = torch.tensor([ref_cast(float(v), values) for v in x])
+    before = x.clone()
     for ours in (cast(x, fmt), round_to_grid(x, fmt)):
         assert torch.equal(ours, expected)
         # the sign of zero is kept (-0.2 rounds to -0.0), as the packers need it
         assert torch.equal(torch.signbit(ours), torch.signbit(x))
+    assert torch.equal(x, before)  # round_to_grid's in-place steps work on its own copy
 
 
 def test_fp8_cast_is_torch_float8_e4m3fn_bit_for_bit():
