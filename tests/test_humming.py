@@ -129,12 +129,16 @@ def test_bias_batch_dims_graph_and_compile():
         out = HummingKernel.apply(spec, state, static, None)
     static.copy_(torch.randn_like(static))
     graph.replay()
-    assert torch.equal(out, HummingKernel.apply(spec, state, static, None))
+    # humming's split-K sums in no fixed order (two eager calls differ by ~0.3%, H200), so the replay is
+    # checked against the reference, not bit for bit against an eager call
+    ref = static.float() @ w.cuda().T
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
     compiled = torch.compile(lambda t: HummingKernel.apply(spec, state, t, bias), fullgraph=True, dynamic=True)
     for m in (1, 5):
         t = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(compiled(t), HummingKernel.apply(spec, state, t, bias))
+        ref = t.float() @ w.cuda().T + bias.float()
+        assert ((compiled(t).float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 @gpu
