@@ -171,15 +171,19 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
         write_fp_config(dirs[n], n, layers, shape)
     if "W4A16" in schemes:
         for kernel in FORCED:  # the W4A16 tensors, with one of our kernels forced instead of Marlin
-            forced = work / f"W4A16-{kernel}"
-            shutil.rmtree(forced, ignore_errors=True)
-            forced.mkdir()
-            c = json.loads((dirs["W4A16"] / "config.json").read_text())
-            c["quantization_config"]["kernel"] = kernel
-            (forced / "config.json").write_text(json.dumps(c, indent=2))
-            for f in dirs["W4A16"].iterdir():
-                if f.name != "config.json":
-                    (forced / f.name).symlink_to(f.resolve())
+            forced_copy(dirs["W4A16"], work / f"W4A16-{kernel}", kernel)
+
+
+def forced_copy(ckpt: Path, dest: Path, kernel: str) -> None:
+    """``ckpt`` (linked, not copied) with ``kernel`` forced in its loading config."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    c = json.loads((ckpt / "config.json").read_text())
+    c["quantization_config"]["kernel"] = kernel
+    (dest / "config.json").write_text(json.dumps(c, indent=2))
+    for f in ckpt.iterdir():
+        if f.name != "config.json":
+            (dest / f.name).symlink_to(f.resolve())
 
 
 def fp_scheme(name: str):
@@ -285,14 +289,7 @@ def greedy_check(reference: Path, work: Path, scheme: str = "W4A16", tokens: int
     if not ckpt.exists():
         quantize_main([str(reference), "--scheme", scheme, "--iters", "0", "--output_dir", str(ckpt), "--quiet", "--no-eval"])
     triton = work / f"reference-{scheme.lower()}-triton"
-    if not triton.exists():
-        triton.mkdir()
-        c = json.loads((ckpt / "config.json").read_text())
-        c["quantization_config"]["kernel"] = "triton"
-        (triton / "config.json").write_text(json.dumps(c, indent=2))
-        for f in ckpt.iterdir():
-            if f.name != "config.json":
-                (triton / f.name).symlink_to(f.resolve())
+    forced_copy(ckpt, triton, "triton")
     tok = AutoTokenizer.from_pretrained(ckpt)
     result = {"scheme": scheme}
     for dtype in ("float32", "float16"):
