@@ -35,6 +35,8 @@ SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
 # FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
 DEEPSEEK = "FP8_BLOCK_fp8"
+# FP8_STATIC in the auto_round layout, served by the plugin (FP8 tensor cores: quantize.kernels.fp8_scaled_mm)
+AR_FP8 = "FP8_STATIC_ar"
 FORCED = ("triton", "tinygemm", "humming")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
@@ -51,8 +53,9 @@ ROWS = {
     "W4A16 plugin (per-expert Triton, eager)": ("W4A16-triton", None, True),
     **{f"{n} llm_compressor": (n, None, False) for n in FP_SCHEMES},
     "FP8_BLOCK fp8 (DeepSeek layout)": (DEEPSEEK, None, False),
+    "FP8_STATIC plugin": (AR_FP8, None, False),
 }
-DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r and "llm_compressor" not in r],
+DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r and "llm_compressor" not in r and "FP8" not in r],
                 "qwen3_moe": ["bf16", "W4A16 vLLM built-in (inc)", "W4A16 plugin", "W4A16 plugin (per-expert Triton, eager)"]}
 # the row whose prompt log-probs the other quantized W4 rows are compared with (our own kernels)
 REFERENCE_ROW = {"llama": "W4A16 plugin (Triton)", "qwen3_moe": "W4A16 plugin (per-expert Triton, eager)"}
@@ -110,7 +113,7 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
 
     hidden = shape["hidden"]
     names = ["bf16"] + schemes
-    fp = [n for n in schemes if n in FP_SCHEMES or n == DEEPSEEK]
+    fp = [n for n in schemes if n in FP_SCHEMES or n in (DEEPSEEK, AR_FP8)]
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -190,10 +193,11 @@ def fp_scheme(name: str):
     """The scheme of an FP checkpoint name (the DeepSeek-layout one holds FP8_BLOCK)."""
     from quantize.scheme import get_scheme
 
-    return get_scheme("FP8_BLOCK" if name == DEEPSEEK else name)
+    return get_scheme({DEEPSEEK: "FP8_BLOCK", AR_FP8: "FP8_STATIC"}.get(name, name))
 
 
-# NVFP4's static activation scale from an assumed input amax (random model: speed only, nothing calibrated)
+# NVFP4's and FP8_STATIC's static activation scales from an assumed input amax (random model: speed only,
+# nothing calibrated)
 NVFP4_INPUT_AMAX = 8.0
 
 
@@ -201,16 +205,20 @@ def fp_layer(name: str, w, scheme_name: str, ctx: dict | None) -> dict:
     """One layer's tensors, by our exporter's per-layer function (llm_compressor: compressed-tensors'
     compressor, its codes checked against ours; the DeepSeek layout: our codes as they are), computed on
     the weight's device."""
-    from quantize.export import compressed_tensors_fp, fp8
+    from quantize.export import auto_round_fp, compressed_tensors_fp, fp8
+    from quantize.numerics_act import fp8_static_scale
     from quantize.numerics_nvfp4 import global_scale as nv_global_scale
     from quantize.signround import QuantizedWeight
     from quantize.weight_rules import quantize_weight as rule_quantize
 
-    layer_tensors = fp8.layer_tensors if scheme_name == DEEPSEEK else compressed_tensors_fp.layer_tensors
+    layer_tensors = {DEEPSEEK: fp8.layer_tensors, AR_FP8: lambda _name, w: auto_round_fp.layer_tensors(w)}.get(
+        scheme_name, compressed_tensors_fp.layer_tensors)
     scheme = fp_scheme(scheme_name)
     q, scales, zeros, extra = rule_quantize(w.float(), scheme, ctx=ctx)
     if scheme_name == "NVFP4":
         extra["input_global_scale"] = nv_global_scale(NVFP4_INPUT_AMAX)
+    if scheme_name == AR_FP8:
+        extra["input_scale"] = fp8_static_scale(NVFP4_INPUT_AMAX)
     extra = {k: v.to(w.device) for k, v in extra.items()}
     return layer_tensors(name, QuantizedWeight(q, scales, zeros, scheme, extra))
 
@@ -222,16 +230,22 @@ def write_fp_config(folder: Path, scheme_name: str, layers: int, shape: dict) ->
 
     from compressed_tensors.compressors import ModelCompressor
 
-    from quantize.export import compressed_tensors_fp, fp8
+    from quantize.export import auto_round_fp, compressed_tensors_fp, fp8
 
     scheme = fp_scheme(scheme_name)
     quantized = {f"model.layers.{i}.{leaf}": SimpleNamespace(scheme=scheme) for i in range(layers) for leaf in shape["linears"]}
     linear = dict.fromkeys(quantized, None) | {f"model.layers.{i}.{k}": None for i in range(layers) for k in shape["kept"]}
     linear["lm_head"] = None
     source = SimpleNamespace(layers=quantized, linear_shapes=linear)
-    if scheme_name == DEEPSEEK:
+    if scheme_name in (DEEPSEEK, AR_FP8):
         c = json.loads((folder / "config.json").read_text())
-        c["quantization_config"] = fp8.quantization_config(source)
+        if scheme_name == AR_FP8:
+            kept = [f"model.layers.{i}.{k}" for i in range(layers) for k in shape["kept"]]
+            ar = SimpleNamespace(layers=quantized, scheme=scheme, in_block=lambda _name: True, kept_in_blocks=kept,
+                                 block_prefixes=["model.layers"])
+            c["quantization_config"] = auto_round_fp.quantization_config(ar, {})
+        else:
+            c["quantization_config"] = fp8.quantization_config(source)
         (folder / "config.json").write_text(json.dumps(c, indent=2))
         return
     ModelCompressor(quantization_config=compressed_tensors_fp.quantization_config(source)).update_config(str(folder))

@@ -133,7 +133,7 @@ def test_fp_layers_shard_like_the_unsharded_layer(name, tp_size):
     """FP auto_round layers (quantize.integrations.fp_linear) in SGLang's merged and row-parallel layers:
     each rank's output is its share of the unsharded layer's, each fused part dequantized with its own
     global scale (NVFP4 parts of different ranges)."""
-    from quantize.integrations.fp_linear import dequantize
+    from quantize.fp_layout import dequantize
     from quantize.scheme import get_scheme
 
     scheme = get_scheme(name)

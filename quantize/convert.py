@@ -50,7 +50,7 @@ def _unpack_layer(name: str, scheme, layout: str, tensors: dict, out_features: i
 def _read_fp_layer(name: str, scheme, tensors: dict, out_features: int, in_features: int) -> QuantizedWeight:
     """One layer of an FP auto_round checkpoint (Intel's layout: quantize.export.auto_round_fp), in the form
     tuning produces (quantize.weight_rules)."""
-    from quantize.integrations.fp_linear import checkpoint_tensors
+    from quantize.fp_layout import checkpoint_tensors
 
     got = {}
     for key, (shape, _dtype) in checkpoint_tensors(scheme, in_features, out_features).items():

@@ -37,6 +37,12 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, v: torch.Tensor | float = 0.0) -> 
     return cast_ste(torch.clamp(x.float() / scale + v, -FP8_E4M3.max, FP8_E4M3.max), FP8_E4M3) * scale
 
 
+def codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The ``float8_e4m3fn`` codes ``qdq`` rounds ``x`` to (``qdq(x, scale) == codes(x, scale) * scale``):
+    what FP8 tensor-core kernels take."""
+    return torch.clamp(x.float() / scale, -FP8_E4M3.max, FP8_E4M3.max).to(torch.float8_e4m3fn)
+
+
 def _expand_blocks(t: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
     """Per-block values ``[ceil(N/bn), ceil(K/bk)]`` repeated to one per element ``[N, K]``."""
     bn, bk = block

@@ -148,3 +148,49 @@ def test_tinygemm_compiled_once_for_every_m():
             y = fn(x)
         ref = x.float() @ w.t()
         assert ((y.float() - ref).norm() / ref.norm()) < 1e-2, m
+
+
+@pytest.fixture(scope="module")
+def fp8_static_checkpoint(gutenberg, tmp_path_factory):
+    from quantize.export.registry import FormatSpec, export
+    from quantize.export.source import ExportSource
+    from quantize.scheme import get_scheme
+
+    out = tmp_path_factory.mktemp("cuda") / "fp8"
+    model, tok = load_model(str(gutenberg))
+    blocks, scheme = find_blocks(model), get_scheme("FP8_STATIC")
+    ids = calibration_ids("bundled", tok, nsamples=16, seqlen=128)
+    result = quantize_model(model, blocks, plan_layers(model, blocks.prefix, scheme), ids,
+                            TuneConfig(iters=0, nsamples=16, seqlen=128, batch_size=4), torch.device("cuda"), progress=False)
+    (folder,) = export(ExportSource.from_run(model, tok, result, scheme), [FormatSpec("auto_round")], out)
+    return folder
+
+
+def test_fp8_static_runs_on_fp8_tensor_cores(fp8_static_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from quantize.integrations.transformers.fp_modules import FPQuantLinear
+
+    forced = tmp_path / "emulated"
+    shutil.copytree(fp8_static_checkpoint, forced)
+    cfg = json.loads((forced / "config.json").read_text())
+    cfg["quantization_config"]["kernel"] = "fp_emulate"
+    (forced / "config.json").write_text(json.dumps(cfg))
+    native = AutoModelForCausalLM.from_pretrained(fp8_static_checkpoint, dtype=torch.bfloat16, device_map="cuda")
+    emulated = AutoModelForCausalLM.from_pretrained(forced, dtype=torch.bfloat16, device_map="cuda")
+    layers = [m for m in native.modules() if isinstance(m, FPQuantLinear)]
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores on this GPU: the emulation serves FP8_STATIC")
+    assert {m.kernel.name for m in layers} == {"fp8_scaled_mm"}
+    assert all(m.k_weight.dtype == torch.float8_e4m3fn for m in layers)  # no 16-bit copy of the weight
+    assert {m.kernel.name for m in emulated.modules() if isinstance(m, FPQuantLinear)} == {"fp_emulate"}
+    with torch.no_grad():
+        a = native(PROMPT.cuda()).logits.float().log_softmax(-1)
+        b = emulated(PROMPT.cuda()).logits.float().log_softmax(-1)
+        again = torch.compile(native)(PROMPT.cuda()).logits.float().log_softmax(-1)
+    print("max / mean |log-prob diff| native vs emulation:", (a - b).abs().max().item(), (a - b).abs().mean().item())
+    # the same FP8 codes; the emulation rounds weight and input to bf16 before its products, the kernel after
+    assert (a - b).abs().mean() < 0.05 and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - again).abs().mean() < 0.05
+    assert native.generate(PROMPT.cuda(), max_new_tokens=4, do_sample=False).shape[1] == PROMPT.shape[1] + 4

@@ -1,13 +1,11 @@
-"""Floating-point auto_round checkpoints (MXFP4, MXFP8, NVFP4 and their A16 variants, FP8_STATIC), in the
-layout quantize.export.auto_round_fp and Intel AutoRound write: the tensors one layer holds, their exact
-dequantization, and the linear method the vLLM and SGLang plugins share for them.
+"""The linear method the vLLM and SGLang plugins share for floating-point auto_round layers (MXFP4, MXFP8,
+NVFP4 and their A16 variants, FP8_STATIC; the layout: quantize.fp_layout).
 
-What every engine computes here is the exact emulation the transformers integration runs: the weight is
-dequantized once after loading (quantize.weight_rules) into the activation dtype, and the input is
-fake-quantized as the serving kernel would quantize it (quantize.act_quant: MX dynamic groups, NVFP4 under
-the stored ``input_global_scale``, FP8 under the stored ``input_scale``). So the checkpoint is served with
-the tuned model's own numbers on any device, at 16-bit speed and memory: native FP4/FP8 kernels are the
-engines' compressed-tensors methods, which serve the same model written with ``--format llm_compressor``.
+Compute comes from quantize.kernels, as for the transformers integration: FP8_STATIC on FP8 tensor cores
+where the GPU has them (fp8_scaled_mm), everything else through the exact emulation (fp_emulate: the
+weight dequantized once, the input fake-quantized as the serving kernel quantizes it), the tuned model's
+own numbers at 16-bit speed and memory. The engines' compressed-tensors methods serve the same models
+natively when written with ``--format llm_compressor``.
 """
 
 from __future__ import annotations
@@ -15,66 +13,17 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
-from quantize import act_quant, weight_rules
 from quantize.checkpoint import ConfigError
+from quantize.fp_layout import SCALARS, checkpoint_tensors
+from quantize.kernels import FPLinearSpec, kernel_state, select_kernel
 from quantize.scheme import Scheme
-
-# Per-layer float32 scalars (one per fused part in an engine's merged layer).
-SCALARS = ("weight_global_scale", "input_global_scale", "input_scale")
-
-
-def has_layout(scheme: Scheme) -> bool:
-    """Whether auto_round checkpoints of ``scheme`` hold FP tensors in this layout (the rest are refused)."""
-    rule = weight_rules.rule_name(scheme)
-    return rule in ("mx_fp", "nv_fp") or (rule == "fp8" and weight_rules.fp8_layout(scheme) == "channel")
-
-
-def checkpoint_tensors(scheme: Scheme, in_features: int, out_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of one layer's tensors in the auto_round FP layout."""
-    n, k = out_features, in_features
-    rule = weight_rules.rule_name(scheme)
-    t = {}
-    if scheme.bits == 4:
-        t["weight_packed"] = ((n, k // 2), torch.uint8)
-    else:
-        t["weight"] = ((n, k), torch.float8_e4m3fn)
-    if rule == "mx_fp":
-        t["weight_scale"] = ((n, k // scheme.group_size), torch.uint8)
-    elif rule == "nv_fp":
-        t["weight_scale"] = ((n, k // scheme.group_size), torch.float8_e4m3fn)
-        t["weight_global_scale"] = ((1,), torch.float32)
-        if scheme.quantizes_activations:
-            t["input_global_scale"] = ((1,), torch.float32)
-    elif rule == "fp8":
-        t["weight_scale"] = ((n,), torch.float32)
-        if scheme.static_activations:
-            t["input_scale"] = ((1,), torch.float32)
-    else:
-        raise ValueError(f"{scheme.name} has no auto_round FP layout")
-    return t
-
-
-def dequantize(scheme: Scheme, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The exact weight ``[N, K]`` of one layer's checkpoint tensors, in ``dtype``."""
-    data = tensors["weight_packed"] if scheme.bits == 4 else tensors["weight"]
-    scales = tensors["weight_scale"]
-    if weight_rules.rule_name(scheme) == "fp8":
-        scales = scales.float().reshape(-1, 1)
-    extra = {k: tensors[k].float() for k in SCALARS if k in tensors}
-    return weight_rules.dequantize(data, scales, torch.zeros(0, dtype=torch.uint8), extra, scheme, dtype)
-
-
-def input_quantizer(scheme: Scheme, tensors: dict[str, torch.Tensor]):
-    """The input fake-quantization the served layer applies (None for weight-only schemes)."""
-    return act_quant.quantizer(scheme, {k: tensors[k].float() for k in SCALARS if k in tensors})
 
 
 class FPLinearMethod:
     """The linear method both engines get for FP auto_round layers, mixed into each engine's
     ``LinearMethodBase`` (like quantize.integrations.packed_linear.PackedLinearMethod): the checkpoint's
-    tensors as the engine's parameters (which cut their tensor-parallel shard), then the emulation above."""
+    tensors as the engine's parameters (which cut their tensor-parallel shard), then the layer's kernel."""
 
     engine = ""
     parameter_classes: ModuleType
@@ -103,25 +52,23 @@ class FPLinearMethod:
             else:  # weight [N, K] or weight_packed [N, K/2]: cut along either dimension as stored
                 p = classes.ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
             layer.register_parameter(name, p)
-        layer.fp_parts, layer.fp_tensors = parts, tuple(tensors)
+        layer.fp_parts, layer.fp_tensors, layer.fp_in = parts, tuple(tensors), k
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Dequantize each fused part with its own scalars; keep only the 16-bit weight and the input rule."""
+        """Hand each fused part's tensors (its own scalars) to the layer's kernel; keep only what it derives."""
         loaded = {n: getattr(layer, n).data for n in layer.fp_tensors}
-        weights, start = [], 0
+        parts, start = [], 0
         for i, n in enumerate(layer.fp_parts):
-            part = {k: (t[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in loaded.items()}
-            weights.append(dequantize(self.scheme, part, layer.params_dtype))
+            parts.append({k: (t[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in loaded.items()})
             start += n
-        # Fused parts read one input: the widest range any part calibrated (they see the same activations).
-        merged = {k: (loaded[k].min() if k == "input_global_scale" else loaded[k].max()).reshape(1)
-                  for k in ("input_global_scale", "input_scale") if k in loaded}
+        spec = FPLinearSpec(self.scheme, layer.fp_in, sum(layer.fp_parts), layer.params_dtype)
+        layer.quant_kernel = select_kernel(spec, loaded["weight_scale"].device)
+        state = layer.quant_kernel.prepare(spec, parts)
         for n in layer.fp_tensors:
             delattr(layer, n)
-        layer.register_buffer("k_weight", torch.cat(weights), persistent=False)
-        layer.fp_input = input_quantizer(self.scheme, merged)
+        for key, t in state.items():
+            layer.register_buffer(f"k_{key}", t, persistent=False)
+        layer.fp_spec = spec
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.fp_input is not None:
-            x = layer.fp_input(x)
-        return F.linear(x, layer.k_weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return layer.quant_kernel.apply(layer.fp_spec, kernel_state(layer), x, bias)

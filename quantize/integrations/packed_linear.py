@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 from quantize.checkpoint import QUANT_METHOD, CheckpointConfig, ConfigError, is_auto_round
-from quantize.integrations.fp_linear import has_layout
+from quantize.fp_layout import has_layout
 from quantize.kernels import LinearSpec, kernel_state, select_kernel
 from quantize.packing import PACKED_TENSORS
 from quantize.scheme import Scheme, match_name

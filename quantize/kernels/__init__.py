@@ -2,6 +2,8 @@
 implementations, each taking packed checkpoint tensors and computing ``x @ W.T + b``."""
 
 from quantize.kernels import (
+    fp8_scaled_mm,  # noqa: F401  (FP8_STATIC layers on FP8 tensor cores, CUDA sm89+)
+    fp_emulate,  # noqa: F401  (the portable path for FP / activation-quantized layers)
     humming,  # noqa: F401  (humming-kernels' GEMMs on CUDA, where installed: 2/3/4/8-bit, sym and asym)
     tinygemm,  # noqa: F401  (PyTorch core's int4 GEMM on CUDA, 4-bit layers)
     tinygemm_cpu,  # noqa: F401  (its CPU variant: 2/3/4-bit layers of bf16 models, decode)
@@ -10,6 +12,7 @@ from quantize.kernels import (
 )
 from quantize.kernels.dispatch import (
     KERNELS,
+    FPLinearSpec,
     LinearSpec,
     kernel_state,
     register_kernel,
@@ -21,4 +24,4 @@ try:  # Triton kernels where Triton is installed (CUDA; its interpreter runs the
 except ImportError:
     pass
 
-__all__ = ["KERNELS", "LinearSpec", "kernel_state", "register_kernel", "select_kernel"]
+__all__ = ["KERNELS", "FPLinearSpec", "LinearSpec", "kernel_state", "register_kernel", "select_kernel"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from quantize.packing import PACKED_TENSORS
+from quantize.scheme import Scheme
 
 log = logging.getLogger("quantize.kernels")
 
@@ -31,9 +32,23 @@ class LinearSpec:
         return 1 if self.group_size == -1 else self.in_features // self.group_size
 
 
+@dataclass(frozen=True)
+class FPLinearSpec:
+    """A floating-point or activation-quantized layer in the auto_round FP layout (quantize.fp_layout):
+    its scheme and shape. Kernels for it declare ``spec_type = FPLinearSpec``; their ``prepare`` takes the
+    layer's checkpoint tensors as a list of fused parts (one per q/k/v or gate/up slice in an engine's merged
+    layer, each a dict by checkpoint name) instead of the packed triple."""
+
+    scheme: Scheme
+    in_features: int
+    out_features: int
+    act_dtype: torch.dtype | None = None
+
+
 # name -> kernel class with static methods: ``unsupported(spec, device)`` (None, or why it cannot run),
 # ``prepare(spec, qweight, qzeros, scales) -> dict`` (working tensors derived once after loading) and
-# ``apply(spec, state, x, bias)``; ``priority`` (higher wins) orders the candidates.
+# ``apply(spec, state, x, bias)``; ``priority`` (higher wins) orders the candidates; ``spec_type``
+# (default LinearSpec) says which layers it computes.
 KERNELS: dict[str, type] = {}
 _announced: set[tuple] = set()
 
@@ -41,7 +56,7 @@ _announced: set[tuple] = set()
 def kernel_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What ``apply`` reads for one layer: its checkpoint tensors, overridden by the tensors the kernel's
     ``prepare`` derived (held as buffers named ``k_<key>``)."""
-    state = {name: getattr(module, name) for name in PACKED_TENSORS}
+    state = {name: getattr(module, name) for name in PACKED_TENSORS if hasattr(module, name)}
     state.update({k[2:]: t for k, t in module._buffers.items() if k.startswith("k_")})
     return state
 
@@ -55,24 +70,37 @@ def register_kernel(name: str):
     return decorate
 
 
-def select_kernel(spec: LinearSpec, device: torch.device, force: str | None = None) -> type:
-    """The highest-priority kernel that supports ``spec`` on ``device`` (or ``force``, checked)."""
-    if force is not None:
-        if force not in KERNELS:
-            raise ValueError(f"unknown kernel {force!r}; available: {', '.join(KERNELS)}")
-        why = KERNELS[force].unsupported(spec, device)
+def _why_not(kernel: type, spec: LinearSpec | FPLinearSpec, device: torch.device) -> str | None:
+    if not isinstance(spec, getattr(kernel, "spec_type", LinearSpec)):
+        return "computes integer layers" if isinstance(spec, FPLinearSpec) else "computes FP layers"
+    return kernel.unsupported(spec, device)
+
+
+def _describe(spec: LinearSpec | FPLinearSpec) -> str:
+    if isinstance(spec, FPLinearSpec):
+        return f"{spec.scheme.name}"
+    return f"{spec.bits}-bit g{spec.group_size} {'sym' if spec.sym else 'asym'} {spec.layout}"
+
+
+def select_kernel(spec: LinearSpec | FPLinearSpec, device: torch.device, force: str | None = None) -> type:
+    """The highest-priority kernel that supports ``spec`` on ``device`` (or ``force``, checked). A forced
+    kernel applies to the kind of layer it computes (integer or FP): the others of a mixed checkpoint are
+    picked as usual."""
+    if force is not None and force not in KERNELS:
+        raise ValueError(f"unknown kernel {force!r}; available: {', '.join(KERNELS)}")
+    if force is not None and isinstance(spec, getattr(KERNELS[force], "spec_type", LinearSpec)):
+        why = _why_not(KERNELS[force], spec, device)
         if why:
             raise ValueError(f"kernel {force!r} cannot run this layer ({spec}): {why}")
         chosen = KERNELS[force]
     else:
-        usable = [k for k in KERNELS.values() if k.unsupported(spec, device) is None]
+        usable = [k for k in KERNELS.values() if _why_not(k, spec, device) is None]
         if not usable:
-            reasons = {name: k.unsupported(spec, device) for name, k in KERNELS.items()}
+            reasons = {name: _why_not(k, spec, device) for name, k in KERNELS.items()}
             raise ValueError(f"no kernel runs {spec} on {device}: {reasons}")
         chosen = max(usable, key=lambda k: k.priority)
-    key = (chosen.name, device.type, spec.bits, spec.group_size, spec.sym, spec.layout)
+    key = (chosen.name, device.type, _describe(spec))
     if key not in _announced:
         _announced.add(key)
-        log.info("kernel %s for %d-bit g%d %s %s layers on %s", *key[:1], spec.bits, spec.group_size,
-                 "sym" if spec.sym else "asym", spec.layout, device.type)
+        log.info("kernel %s for %s layers on %s", chosen.name, key[2], device.type)
     return chosen

@@ -58,6 +58,6 @@ class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
         scheme = merged_scheme(self.checkpoint, prefix, self.packed_modules_mapping, "SGLang")
         if scheme is None:
             return UnquantizedLinearMethod()
-        if not scheme.integer_weight_only:  # MX / NV / FP8: exact emulation (integrations/fp_linear.py)
+        if not scheme.integer_weight_only:  # MX / NV / FP8 (integrations/fp_linear.py)
             return AutoRoundFPLinearMethod(scheme, prefix)
         return AutoRoundLinearMethod(scheme, self.checkpoint.layout, prefix, self.kernel)

@@ -29,11 +29,11 @@ def replace_linear_layers(model: nn.Module, config, kernel: str | None = None) -
         if scheme is None:
             continue
         k, n = module.in_features, module.out_features
-        if not scheme.integer_weight_only:  # MX / NV / FP8_STATIC: exact emulation (fp_modules)
+        if not scheme.integer_weight_only:  # MX / NV / FP8_STATIC (fp_modules)
             if scheme.k_multiple and k % scheme.k_multiple:
                 raise ConfigError(f"layer {name}: group_size {scheme.group_size} does not divide in_features {k}")
             parent, _, child = name.rpartition(".")
-            fp = FPQuantLinear(scheme, k, n, module.bias is not None, module.weight.dtype)
+            fp = FPQuantLinear(scheme, k, n, module.bias is not None, module.weight.dtype, kernel)
             setattr(model.get_submodule(parent) if parent else model, child, fp)
             count += 1
             continue
