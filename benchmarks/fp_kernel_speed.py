@@ -1,7 +1,8 @@
-"""FP8_STATIC layers on a CUDA GPU: the FP8 tensor-core kernel (quantize.kernels.fp8_scaled_mm) and the
-exact emulation (fp_emulate) against bf16 ``F.linear``, in the same process.
+"""FP8_STATIC layers on a CUDA GPU: the FP8 tensor-core kernels (quantize.kernels.fp8_scaled_mm; with
+``--vllm`` also vLLM's CUTLASS kernel, quantize.kernels.vllm_fp8) and the exact emulation (fp_emulate)
+against bf16 ``F.linear``, in the same process.
 
-  python benchmarks/fp_kernel_speed.py --json out.json
+  python benchmarks/fp_kernel_speed.py --json out.json [--vllm]
 
 Per (N, K) and M: microseconds per call (eager, do_bench medians) and per call inside one CUDA graph
 over 8 weight copies (no launch cost, nothing in L2), the speedup over bf16 (bf16 time / kernel time), and
@@ -43,7 +44,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--graph-max-m", type=int, default=64, help="also time CUDA-graph replays up to this M")
+    ap.add_argument("--vllm", action="store_true", help="also vLLM's CUTLASS FP8 kernel (vLLM must import)")
     args = ap.parse_args()
+    names = NAMES
+    if args.vllm:
+        import vllm._custom_ops  # noqa: F401  (makes quantize.kernels.vllm_fp8 available)
+
+        names = ("vllm_fp8", *NAMES)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     scheme = get_scheme("FP8_STATIC")
@@ -52,8 +59,9 @@ def main() -> None:
     for n, k in SHAPES:
         parts = layer(n, k, dev)
         spec = FPLinearSpec(scheme, k, n, torch.bfloat16)
-        assert KERNELS["fp8_scaled_mm"].unsupported(spec, dev) is None
-        states = {name: KERNELS[name].prepare(spec, parts) for name in NAMES}
+        for name in names:
+            assert KERNELS[name].unsupported(spec, dev) is None, (name, KERNELS[name].unsupported(spec, dev))
+        states = {name: KERNELS[name].prepare(spec, parts) for name in names}
         w_bf16 = states["fp_emulate"]["weight"]
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -66,7 +74,7 @@ def main() -> None:
                 copies = [{name: {key: t.clone() for key, t in st.items()} for name, st in states.items()} for _ in range(8)]
                 row["graph_bf16_us"] = g_bf16 = graph_time([lambda c=c: F.linear(x, c["fp_emulate"]["weight"]) for c in copies])
                 line += f" (graph {g_bf16:.1f})"
-            for name in NAMES:
+            for name in names:
                 kernel, state = KERNELS[name], states[name]
                 out = kernel.apply(spec, state, x, None)
                 err = ((out.double() - ref).norm() / ref.norm()).item()

@@ -2,6 +2,8 @@
 generates the same greedy text as the CPU path, and compiles; torch's tinygemm op against the reference.
 Skipped without CUDA (CI); run on the GPU machine."""
 
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -170,6 +172,8 @@ def test_fp8_static_runs_on_fp8_tensor_cores(fp8_static_checkpoint, tmp_path):
     import json
     import shutil
 
+    from transformers import AutoTokenizer
+
     from quantize.integrations.transformers.fp_modules import FPQuantLinear
 
     forced = tmp_path / "emulated"
@@ -179,18 +183,53 @@ def test_fp8_static_runs_on_fp8_tensor_cores(fp8_static_checkpoint, tmp_path):
     (forced / "config.json").write_text(json.dumps(cfg))
     native = AutoModelForCausalLM.from_pretrained(fp8_static_checkpoint, dtype=torch.bfloat16, device_map="cuda")
     emulated = AutoModelForCausalLM.from_pretrained(forced, dtype=torch.bfloat16, device_map="cuda")
+    exact = AutoModelForCausalLM.from_pretrained(forced, dtype=torch.float32, device_map="cuda")
     layers = [m for m in native.modules() if isinstance(m, FPQuantLinear)]
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores on this GPU: the emulation serves FP8_STATIC")
-    assert {m.kernel.name for m in layers} == {"fp8_scaled_mm"}
+    expected = "vllm_fp8" if "vllm._custom_ops" in sys.modules else "fp8_scaled_mm"  # vLLM's, where it is loaded
+    assert {m.kernel.name for m in layers} == {expected}, [m.kernel.name for m in layers]
     assert all(m.k_weight.dtype == torch.float8_e4m3fn for m in layers)  # no 16-bit copy of the weight
     assert {m.kernel.name for m in emulated.modules() if isinstance(m, FPQuantLinear)} == {"fp_emulate"}
+    ids = calibration_ids("bundled", AutoTokenizer.from_pretrained(fp8_static_checkpoint), nsamples=4, seqlen=128).cuda()
     with torch.no_grad():
-        a = native(PROMPT.cuda()).logits.float().log_softmax(-1)
-        b = emulated(PROMPT.cuda()).logits.float().log_softmax(-1)
-        again = torch.compile(native)(PROMPT.cuda()).logits.float().log_softmax(-1)
-    print("max / mean |log-prob diff| native vs emulation:", (a - b).abs().max().item(), (a - b).abs().mean().item())
-    # the same FP8 codes; the emulation rounds weight and input to bf16 before its products, the kernel after
-    assert (a - b).abs().mean() < 0.05 and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
-    assert (a - again).abs().mean() < 0.05
-    assert native.generate(PROMPT.cuda(), max_new_tokens=4, do_sample=False).shape[1] == PROMPT.shape[1] + 4
+        ref = exact(ids).logits.float().log_softmax(-1)
+        dist = {}
+        for name, model in (("native", native), ("emulated", emulated), ("compiled", torch.compile(native))):
+            lp = model(ids).logits.float().log_softmax(-1)
+            dist[name] = ((lp - ref).abs().mean().item(), (lp.argmax(-1) == ref.argmax(-1)).float().mean().item())
+    print("mean |log-prob diff| from the float32 model, top-1 agreement:", dist)
+    # Both bf16 paths sit far from float32 on this model (one bf16 rounding flips an activation's FP8 code,
+    # ~0.24 mean on the CPU for both); the kernel rounds less than the emulation, so it is no further away
+    for name in ("native", "compiled"):
+        assert dist[name][0] <= dist["emulated"][0] * 1.1 and dist[name][1] >= dist["emulated"][1] - 0.03, dist
+    assert native.generate(ids[:1, :16], max_new_tokens=4, do_sample=False).shape[1] == 20
+
+
+def test_vllm_fp8_kernel_agrees_with_the_scaled_mm_kernel():
+    vllm_ops = pytest.importorskip("vllm._custom_ops")
+    from quantize import numerics_act, numerics_fp8
+    from quantize.kernels import FPLinearSpec
+    from quantize.kernels.fp8_scaled_mm import FP8ScaledMMKernel
+    from quantize.kernels.vllm_fp8 import VllmFP8Kernel
+    from quantize.scheme import get_scheme
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores on this GPU")
+    dev = torch.device("cuda")
+    spec = FPLinearSpec(get_scheme("FP8_STATIC"), 4096, 1024, torch.bfloat16)
+    assert select_kernel(spec, dev).name == "vllm_fp8"
+    g = torch.Generator(device=dev).manual_seed(0)
+    weight, weight_scale = numerics_fp8.quantize_weight(torch.randn(1024, 4096, device=dev, generator=g) * 0.02, "channel")
+    parts = [{"weight": weight, "weight_scale": weight_scale, "input_scale": numerics_act.fp8_static_scale(4.0).to(dev)}]
+    state = VllmFP8Kernel.prepare(spec, parts)
+    bias = torch.randn(1024, device=dev, generator=g).to(torch.bfloat16)
+    for m in (1, 16, 300):
+        x = (torch.randn(m, 4096, device=dev, generator=g) * 1.5).to(torch.bfloat16)
+        q, _ = vllm_ops.scaled_fp8_quant(x, state["input_scale"].reshape(1))
+        differ = (q.float() != numerics_fp8.codes(x, state["input_scale"]).float()).float().mean().item()
+        a = VllmFP8Kernel.apply(spec, state, x, bias).float()
+        b = FP8ScaledMMKernel.apply(spec, state, x, bias).float()
+        rel = ((a - b).norm() / b.norm()).item()
+        print(f"M={m}: codes differing from the scheme's rule {differ:.2e}, relative difference {rel:.2e}")
+        assert differ <= 1e-3 and rel < 5e-3

@@ -9,6 +9,7 @@ from quantize.kernels import (
     tinygemm_cpu,  # noqa: F401  (its CPU variant: 2/3/4-bit layers of bf16 models, decode)
     torch_ref,  # noqa: F401  (registers the portable path)
     vllm_cpu,  # noqa: F401  (vLLM's CPU kernel, when vLLM is loaded)
+    vllm_fp8,  # noqa: F401  (vLLM's CUTLASS FP8 GEMM for FP8_STATIC layers, when vLLM is loaded on CUDA)
 )
 from quantize.kernels.dispatch import (
     KERNELS,

@@ -1,17 +1,19 @@
-"""FP8_STATIC layers on FP8 tensor cores: ``torch._scaled_mm`` (cuBLASLt; PyTorch core, no dependency).
+"""FP8_STATIC layers on FP8 tensor cores, the weight kept in FP8 (half the bytes of the emulation's copy).
 
 The layer's checkpoint holds ``weight`` float8_e4m3fn ``[N, K]``, a float32 ``weight_scale`` per output
-channel and a calibrated float32 ``input_scale`` (quantize.fp_layout). The kernel quantizes the input to
-FP8 codes under that scale exactly as the tuned model does (quantize.numerics_fp8.codes), multiplies codes
-by codes with float32 accumulation, and applies both scales to the float32 sums ("row-wise" scaling:
-one per input row, one per output channel) before rounding to bf16 once. The emulation
-(quantize.kernels.fp_emulate) rounds the dequantized weight and input to 16 bits first, so the two agree
-to 16-bit rounding, and this kernel is the closer of the two to exact arithmetic (tests/test_fp8_scaled_mm.py).
+channel and a calibrated float32 ``input_scale`` (quantize.fp_layout). The kernel rounds the input to FP8
+codes under that scale exactly as the tuned model does (quantize.numerics_fp8.codes), multiplies codes by
+codes with float32 accumulation, and applies both scales to the float32 sums before rounding to bf16
+once. The emulation (quantize.kernels.fp_emulate) rounds the dequantized weight and input to 16 bits
+first, so the two agree to 16-bit rounding, and this kernel is the closer of the two to exact arithmetic
+(tests/test_fp8_scaled_mm.py).
 
-The weight stays FP8 (half the bytes of the emulation's 16-bit copy). Constraints of torch's CUDA op:
-compute capability 8.9 or newer (Ada, Hopper, Blackwell), row-wise scales with bf16 output only (fp16
-and float32 models keep the emulation), K and N multiples of 16. torch also runs the op on the CPU,
-which is how CI checks the arithmetic; it is not picked there (no FP8 units).
+The input is rounded in one Triton pass (quantize.kernels.fp8_triton), then ``torch._scaled_mm``
+multiplies (cuBLASLt, "row-wise" scales: one per input row, one per output channel). Inside vLLM the
+table prefers vLLM's own CUTLASS kernels (quantize.kernels.vllm_fp8), faster at decode sizes. Constraints: CUDA compute capability 8.9
+or newer (Ada, Hopper, Blackwell), bf16 activations (fp16 and float32 models keep the emulation), K and
+N multiples of 16. torch (2.13) runs ``_scaled_mm`` on the CPU too and Triton's interpreter runs the
+Triton kernel there, which is how CI checks the arithmetic; the kernel is not picked on a CPU (no FP8 units).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ import torch
 from quantize import fp_layout, weight_rules
 from quantize.kernels.dispatch import FPLinearSpec, register_kernel
 from quantize.numerics_fp8 import codes
+
+try:
+    from quantize.kernels import fp8_triton
+except ImportError:  # CPU-only installs without Triton; CUDA builds of torch bring it
+    fp8_triton = None
 
 MIN_CAPABILITY = (8, 9)
 
@@ -41,6 +48,8 @@ class FP8ScaledMMKernel:
             return f"needs in and out features divisible by 16, got {spec.in_features} x {spec.out_features}"
         if device.type != "cuda":
             return "needs CUDA"
+        if fp8_triton is None:
+            return "needs Triton (pip install triton)"
         if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
             return f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (FP8 tensor cores)"
         return None
@@ -56,9 +65,35 @@ class FP8ScaledMMKernel:
     @staticmethod
     def apply(spec: FPLinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        scale = state["input_scale"]
-        out = torch._scaled_mm(codes(rows, scale), state["weight"].t(), scale_a=scale.expand(rows.shape[0], 1).contiguous(),
-                               scale_b=state["weight_scale"], out_dtype=torch.bfloat16)
+        if rows.is_cuda:
+            # the custom op only where torch.compile traces (as quantize.kernels.triton_gemm does)
+            matmul = fp8_static_mm_op if torch.compiler.is_compiling() else fp8_static_mm
+            out = matmul(rows.contiguous(), state["weight"], state["weight_scale"], state["input_scale"])
+        else:
+            out = _scaled_mm(codes(rows, state["input_scale"]), state, rows.shape[0])
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+
+def _scaled_mm(q: torch.Tensor, state: dict[str, torch.Tensor], m: int, row_scales: torch.Tensor | None = None) -> torch.Tensor:
+    if row_scales is None:
+        row_scales = state["input_scale"].expand(m, 1).contiguous()
+    return torch._scaled_mm(q, state["weight"].t(), scale_a=row_scales, scale_b=state["weight_scale"], out_dtype=torch.bfloat16)
+
+
+def fp8_static_mm(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """CUDA: the input rounded in one Triton pass, then cuBLASLt's FP8 GEMM."""
+    q, row_scales = fp8_triton.fp8_codes(rows, input_scale)
+    return _scaled_mm(q, {"weight": weight, "weight_scale": weight_scale}, rows.shape[0], row_scales)
+
+
+@torch.library.custom_op("quantize::fp8_static_mm", mutates_args=())
+def fp8_static_mm_op(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`fp8_static_mm` as one opaque operator for torch.compile and CUDA graphs."""
+    return fp8_static_mm(rows, weight, weight_scale, input_scale)
+
+
+@fp8_static_mm_op.register_fake
+def _(rows, weight, weight_scale, input_scale):
+    return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.bfloat16)
