@@ -1,10 +1,10 @@
-"""Decode speed on the CPU in transformers: the unquantized model (the row named bf16) against its quantized
+"""Decode speed on the CPU in transformers: the unquantized model against its quantized
 checkpoints, each loaded with ``from_pretrained(path)`` defaults (``--dtype float32``: all in float32), on
 the kernel the dispatch picks and on the portable path (kernel forced to ``torch``), in one process, rows
 interleaved over the repeats.
 
 Writes the checkpoints with ``python -m quantize MODEL --scheme S --iters 0`` (the kernels do not care how
-the codes were tuned), then times greedy generation (batch 1) and prints tokens/s and the ratio to bf16.
+the codes were tuned), then times greedy generation (batch 1) and prints tokens/s and the ratio to the unquantized model.
 
   python benchmarks/cpu_decode.py --model ../shared/models/gutenberg-llama-29m --work /tmp/cpu-decode --json out.json
 """
@@ -71,7 +71,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    rows = {"bf16": Path(args.model)}
+    rows = {"unquantized": Path(args.model)}
     for scheme in args.schemes.split(","):
         rows[f"{scheme} (default kernel)"] = make_checkpoint(args.model, scheme, work, None)
         rows[f"{scheme} (portable: torch)"] = make_checkpoint(args.model, scheme, work, "torch")
@@ -87,15 +87,15 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, model in models.items():
             speeds[name].append(tokens_per_second(model, ids, args.new_tokens))
-    base = statistics.median(speeds["bf16"])
-    print(f"{'row':32} {'kernel':14} {'tok/s':>8} {'vs bf16':>8}")
+    base = statistics.median(speeds["unquantized"])
+    print(f"{'row':32} {'kernel':14} {'tok/s':>8} {'vs unquantized':>15}")
     results = []
     for name in rows:
         med = statistics.median(speeds[name])
         results.append({"row": name, "kernel": kernels[name], "tokens_per_s": med, "ratio": med / base, "runs": speeds[name]})
         print(f"{name:32} {kernels[name]:14} {med:8.1f} {med / base:7.2f}x")
     info = {"threads": torch.get_num_threads(), "torch": torch.__version__, "model": args.model, "new_tokens": args.new_tokens,
-            "dtype": str(next(models["bf16"].parameters()).dtype), "rows": results}
+            "dtype": str(next(models["unquantized"].parameters()).dtype), "rows": results}
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=1) + "\n")
 

@@ -2,6 +2,7 @@
 implementations, each taking packed checkpoint tensors and computing ``x @ W.T + b``."""
 
 from quantize.kernels import (
+    cpu_lowbit,  # noqa: F401  (a compiled CPU kernel for 2/3/4/8-bit layers of float32 models)
     fp8_scaled_mm,  # noqa: F401  (FP8_STATIC layers on FP8 tensor cores, CUDA sm89+)
     fp_emulate,  # noqa: F401  (the portable path for FP / activation-quantized layers)
     humming,  # noqa: F401  (humming-kernels' GEMMs on CUDA, where installed: 2/3/4/8-bit, sym and asym)
