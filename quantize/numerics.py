@@ -137,5 +137,6 @@ def dequantize(
     n, k = q.shape
     groups = scales.shape[-1]
     qg = q.reshape(n, groups, k // groups).float()
-    w = dequantize_groups(qg, scales.float().unsqueeze(-1), zeros.float().unsqueeze(-1))
+    # (contiguous: a transposed checkpoint view would steer the elementwise op's loop order)
+    w = dequantize_groups(qg, scales.float().contiguous().unsqueeze(-1), zeros.float().unsqueeze(-1))
     return w.reshape(n, k).to(dtype)

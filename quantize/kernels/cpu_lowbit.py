@@ -14,8 +14,8 @@ torch's intra-op threads. It reads the weight once per activation row, so calls 
 rows (long prefills) dequantize once for the call and use the float32 GEMM instead (on the 2-core AVX2 EPYC
 the kernel was still the faster at 64 rows, for 1536x512 to 4096x4096).
 
-Needs a C++ compiler and ninja (``pip install ninja``): without them the dispatch says so and keeps the
-portable path. The build runs at the first call that uses the kernel (about a minute, once per machine:
+Needs a C++ compiler and ninja (a dependency of this package): without them the dispatch says so and
+keeps the portable path. The build runs at the first call that uses the kernel (about a minute, once per machine:
 torch caches it), so loading a model never waits for it; a build that fails logs why, and those calls
 take the portable path.
 """
