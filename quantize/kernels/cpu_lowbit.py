@@ -149,7 +149,7 @@ def _module():
     flags = ["-O3"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # else the portable loop
         flags += ["-mavx2", "-mfma"]
-    log.info("building the cpu_lowbit kernel with the C++ compiler (once per machine; about a minute)")
+    log.info("loading the cpu_lowbit kernel (its first build on a machine takes about a minute)")
     try:
         return cpp_extension.load_inline("quantize_lowbit_cpu", cpp_sources=SOURCE, functions=["lowbit_mm"],
                                          extra_cflags=flags, verbose=False)
