@@ -70,22 +70,20 @@ class FP8ScaledMMKernel:
             matmul = fp8_static_mm_op if torch.compiler.is_compiling() else fp8_static_mm
             out = matmul(rows.contiguous(), state["weight"], state["weight_scale"], state["input_scale"])
         else:
-            out = _scaled_mm(codes(rows, state["input_scale"]), state, rows.shape[0])
+            row_scales = state["input_scale"].expand(rows.shape[0], 1).contiguous()
+            out = _scaled_mm(codes(rows, state["input_scale"]), row_scales, state["weight"], state["weight_scale"])
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
-def _scaled_mm(q: torch.Tensor, state: dict[str, torch.Tensor], m: int, row_scales: torch.Tensor | None = None) -> torch.Tensor:
-    if row_scales is None:
-        row_scales = state["input_scale"].expand(m, 1).contiguous()
-    return torch._scaled_mm(q, state["weight"].t(), scale_a=row_scales, scale_b=state["weight_scale"], out_dtype=torch.bfloat16)
+def _scaled_mm(q: torch.Tensor, row_scales: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    return torch._scaled_mm(q, weight.t(), scale_a=row_scales, scale_b=weight_scale, out_dtype=torch.bfloat16)
 
 
 def fp8_static_mm(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """CUDA: the input rounded in one Triton pass, then cuBLASLt's FP8 GEMM."""
-    q, row_scales = fp8_triton.fp8_codes(rows, input_scale)
-    return _scaled_mm(q, {"weight": weight, "weight_scale": weight_scale}, rows.shape[0], row_scales)
+    return _scaled_mm(*fp8_triton.fp8_codes(rows, input_scale), weight, weight_scale)
 
 
 @torch.library.custom_op("quantize::fp8_static_mm", mutates_args=())
