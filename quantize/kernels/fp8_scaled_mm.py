@@ -32,6 +32,21 @@ except ImportError:  # CPU-only installs without Triton; CUDA builds of torch br
 MIN_CAPABILITY = (8, 9)
 
 
+def fp8_static_unsupported(spec: FPLinearSpec, device: torch.device) -> str | None:
+    """Why an FP8 tensor-core kernel cannot take this layer (scheme, shape, GPU), or None; shared with
+    quantize.kernels.vllm_fp8."""
+    s = spec.scheme
+    if weight_rules.rule_name(s) != "fp8" or weight_rules.fp8_layout(s) != "channel" or not s.static_activations:
+        return "takes FP8 weights per channel with static FP8 inputs (FP8_STATIC)"
+    if spec.in_features % 16 or spec.out_features % 16:
+        return f"needs in and out features divisible by 16, got {spec.in_features} x {spec.out_features}"
+    if device.type != "cuda":
+        return "needs CUDA"
+    if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        return f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (FP8 tensor cores)"
+    return None
+
+
 @register_kernel("fp8_scaled_mm")
 class FP8ScaledMMKernel:
     priority = 20
@@ -39,20 +54,12 @@ class FP8ScaledMMKernel:
 
     @staticmethod
     def unsupported(spec: FPLinearSpec, device: torch.device) -> str | None:
-        s = spec.scheme
-        if weight_rules.rule_name(s) != "fp8" or weight_rules.fp8_layout(s) != "channel" or not s.static_activations:
-            return "takes FP8 weights per channel with static FP8 inputs (FP8_STATIC)"
         if spec.act_dtype != torch.bfloat16:
             return f"row-wise scaled products give bf16 only; activations are {spec.act_dtype}"
-        if spec.in_features % 16 or spec.out_features % 16:
-            return f"needs in and out features divisible by 16, got {spec.in_features} x {spec.out_features}"
-        if device.type != "cuda":
-            return "needs CUDA"
-        if fp8_triton is None:
+        why = fp8_static_unsupported(spec, device)
+        if why is None and fp8_triton is None:
             return "needs Triton (pip install triton)"
-        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-            return f"needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (FP8 tensor cores)"
-        return None
+        return why
 
     @staticmethod
     def prepare(spec: FPLinearSpec, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -3,11 +3,11 @@ codes under its static scale in one pass, with the per-row scales ``torch._scale
 ops take four passes: float32 copy, division, clamp, cast).
 
 The rounding is the scheme's rule (quantize.numerics_fp8.codes: ``x / scale`` in float32, correctly
-rounded (``div_rn``: Triton's ``/`` may be approximate), saturated at ±448, round to nearest even) computed
-in float32 arithmetic: the result is an exact E4M3 value, so the
-final cast to ``float8e4nv`` rounds nothing. (Triton's own float32 -> fp8 cast in its CPU interpreter
-loses the carry into the next exponent, 31.85 -> 16; on the GPU it is the hardware's; computing the
-value first makes both agree with torch.)
+rounded (``div_rn``: Triton's ``/`` may be approximate), saturated at ±448, round to nearest even),
+computed on the float32 bits: the result is an exact E4M3 value, so the final cast to ``float8e4nv``
+rounds nothing. (Triton's own float32 -> fp8 cast in its CPU interpreter loses the carry into the next
+exponent, 31.85 -> 16; on the GPU it is the hardware's; computing the value first makes both agree with
+torch.)
 """
 
 from __future__ import annotations

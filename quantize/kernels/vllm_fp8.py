@@ -15,7 +15,7 @@ import sys
 import torch
 
 from quantize.kernels.dispatch import FPLinearSpec, register_kernel
-from quantize.kernels.fp8_scaled_mm import FP8ScaledMMKernel
+from quantize.kernels.fp8_scaled_mm import FP8ScaledMMKernel, fp8_static_unsupported
 
 
 def _ops():
@@ -29,8 +29,7 @@ class VllmFP8Kernel:
 
     @staticmethod
     def unsupported(spec: FPLinearSpec, device: torch.device) -> str | None:
-        bf16 = FPLinearSpec(spec.scheme, spec.in_features, spec.out_features, torch.bfloat16)
-        why = FP8ScaledMMKernel.unsupported(bf16, device)  # same scheme, shape and GPU rules
+        why = fp8_static_unsupported(spec, device)
         if why:
             return why
         if spec.act_dtype not in (torch.bfloat16, torch.float16):
