@@ -76,3 +76,29 @@ def test_float32_activations_on_a_16bit_layer_compute_correctly():
     spec, ckpt = _layer(False, "awq", torch.bfloat16)
     x = torch.randn(3, spec.in_features)
     assert torch.equal(_run("vllm_cpu", spec, ckpt, x), _run("torch", spec, ckpt, x))
+
+
+@needs_op
+def test_op_is_a_fresh_process_first_amx_instruction():
+    """On an AMX CPU the op runs AMX tiles, which Linux grants a process only on request: a process whose
+    first AMX instruction is this op died of SIGILL until the kernel asked for them itself."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch, vllm._custom_ops
+from vllm.platforms import current_platform
+current_platform.import_kernels()
+from conftest import random_4bit_layer
+from quantize.kernels import KERNELS, LinearSpec
+spec, packed, _ = random_4bit_layer(32, True, "gptq", 96, 256)
+spec = LinearSpec(4, 32, True, "gptq", 256, 96, torch.bfloat16)
+ckpt = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
+kernel = KERNELS["vllm_cpu"]
+out = kernel.apply(spec, {**ckpt, **kernel.prepare(spec, *ckpt.values())}, torch.randn(3, 256, dtype=torch.bfloat16), None)
+print("finite", bool(out.isfinite().all()))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "finite True" in run.stdout, (run.returncode, run.stderr[-2000:])

@@ -82,7 +82,10 @@ class VllmCpuKernel:
 
 _warned: set[LinearSpec] = set()
 # Asked once, at import: vLLM compiles the model on the CPU, and torch.compile refuses to trace this probe.
-_AMX = torch.cpu._is_amx_tile_supported()
+# Linux lets a process run AMX instructions only after asking for the tile state (arch_prctl); oneDNN asks
+# when it first needs it, vLLM's kernel does not, so a process whose first AMX instruction is this op dies
+# of SIGILL (seen on a 2-core AMX Xeon): ask here, once.
+_AMX = torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
 
 
 def _isa(dtype: torch.dtype) -> str:
