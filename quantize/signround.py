@@ -184,20 +184,37 @@ class _LayerParams(nn.Module):
         self.max_scale = nn.Parameter(start.clone())
 
 
+def _clip_error(w, wf, imp, factor, scheme: Scheme, ctx) -> torch.Tensor:
+    """Importance-weighted squared rounding error per group ``[N, G]`` with the range factors ``factor``."""
+    err = (wf - weight_rules.fake_quantize(w, scheme, 0.0, factor, factor, ctx)).reshape(*factor.shape, -1)
+    return (imp * err.square()).sum(-1)
+
+
+@functools.cache
+def _compiled_clip_error():
+    # One pass over the weights per grid point instead of ~20 eager ones: SmolLM2-135M W3 g64 on a 2-core AMX
+    # Xeon, 29 grid points, a 1536x576 layer 100-320 ms eager, 18.5 ms compiled; the block's search 0.27 ->
+    # 0.08 s of a ~2.4 s block. One graph per layer shape: with dynamic shapes Inductor's kernel ran 10x
+    # slower than eager.
+    return torch.compile(_clip_error, dynamic=False, options={"emulate_precision_casts": True})
+
+
 @torch.no_grad()
-def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: dict | None = None,
+                compiled: bool = False) -> torch.Tensor:
     """Per-group clipping factor ``[N, G]`` from the rule's search grid that minimises the round-to-nearest
-    error weighted by each input channel's importance (``importance [K]``: mean squared activation)."""
+    error weighted by each input channel's importance (``importance [K]``: mean squared activation);
+    ``compiled``: each grid point's error as one compiled pass (the same rule; sums in another order)."""
     n, k = w.shape
     g = weight_rules.clip_shape(scheme, n, k)[-1]
     wf = w.float()
     imp = importance.float().expand(n, k).reshape(n, g, k // g)
     best_err = torch.full((n, g), float("inf"), device=w.device)
     best = torch.ones((n, g), device=w.device)
+    errors = _compiled_clip_error() if compiled else _clip_error
     for r in weight_rules.search_grid(scheme):
         factor = torch.full((n, g), r, device=w.device)
-        err = (wf - weight_rules.fake_quantize(w, scheme, 0.0, factor, factor, ctx)).reshape(n, g, k // g)
-        err = (imp * err.square()).sum(-1)
+        err = errors(w, wf, imp, factor, scheme, ctx)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)
     return best
@@ -214,12 +231,13 @@ def searched_layers(cfg: TuneConfig, layers: dict[str, Scheme]) -> list[str]:
     return []
 
 
-def _searched_clips(block, layers, weights, contexts, names, inputs, block_kwargs, batch, amp, out=None) -> dict[str, torch.Tensor]:
+def _searched_clips(block, layers, weights, contexts, names, inputs, block_kwargs, batch, amp, out=None,
+                    compiled: bool = False) -> dict[str, torch.Tensor]:
     if not names:
         return {}
     energy = _input_energy(block, names, inputs, block_kwargs, batch, amp, out)
     # A layer no input reached (a MoE expert calibration never routes to) keeps the full range.
-    return {n: search_clip(weights[n], layers[n], energy[n], contexts[n]) for n in names if n in energy}
+    return {n: search_clip(weights[n], layers[n], energy[n], contexts[n], compiled) for n in names if n in energy}
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -270,7 +288,7 @@ def tune_block(
     del rtn
 
     clips = _searched_clips(block, layers, weights, contexts, searched_layers(cfg, layers), inputs, block_kwargs,
-                            cfg.batch_size, amp)
+                            cfg.batch_size, amp, compiled=bool(cfg.compile) and device.type == "cpu")
     stacks = expert_stacks(block, layers, weight_rules.row_local) if cfg.iters > 0 and device.type in STACKS_EXPERTS_ON else {}
     tuned = _stack_experts(stacks, weights, schemes, clips, modules)
     params = {key: _LayerParams(w, schemes[key][0], device, clips.get(key)) for key, w in tuned.items()} if cfg.iters > 0 else {}

@@ -95,8 +95,9 @@ def test_compiled_tuning_step_equals_eager_and_compiles_once(tiny_llama, fp8):
                 torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["W2A16G32", "NVFP4A16", "MXFP4A16"])
-def test_clip_search_picks_the_grid_factor_with_least_weighted_error(name):
+# compiled: the search's compiled error pass (CPU tuning runs that compile), for the int rule it serves most
+@pytest.mark.parametrize("name, compiled", [("W2A16G32", False), ("W2A16G32", True), ("NVFP4A16", False), ("MXFP4A16", False)])
+def test_clip_search_picks_the_grid_factor_with_least_weighted_error(name, compiled):
     from quantize import weight_rules
     from quantize.scheme import get_scheme
     from quantize.signround import search_clip
@@ -106,7 +107,7 @@ def test_clip_search_picks_the_grid_factor_with_least_weighted_error(name):
     w = torch.randn(6, 64)
     w[:, 5] = 4.0  # an outlier in every row's first group
     importance = torch.rand(64) + 0.1
-    clip = search_clip(w, scheme, importance)
+    clip = search_clip(w, scheme, importance, compiled=compiled)
     g = 64 // scheme.group_size
     grid = weight_rules.search_grid(scheme)
     assert clip.shape == (6, g) and set(clip.unique().tolist()) <= set(torch.tensor(grid).tolist())
