@@ -52,10 +52,14 @@ PROMPTS = [
 ]
 NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
-# Schemes that quantize activations: the two engines' float32 attention differs by ~1e-6, which now and then
-# moves an activation across a rounding boundary of the FP8/FP4 grid; one other code moves this model's
-# later log-probs by up to 0.064 (FP8_STATIC, measured on an AVX2-only Zen 3; 0 on the AVX-512 machines).
-ACT_QUANT_LOGPROB_TOL = 0.1
+# Schemes that quantize activations: the two engines' float32 GEMMs and attention differ by ~1e-6, which moves
+# an activation across a rounding boundary of the FP8/FP4 grid now and then; FP8_STATIC's fine grid (3
+# mantissa bits, one scale per tensor) puts about one such activation in every token's ~1e5 layer inputs,
+# each moving its token's log-prob, and later ones with it. Measured on this model, FP8_STATIC: largest
+# difference 0.064 on an AVX2-only Zen 3, 0.249 on a 2-core AMX Xeon (mean 0.04; transformers alone, SDPA
+# against eager attention, 0.073). A wrong scale or code would move every position: the mean bounds that.
+ACT_QUANT_LOGPROB_TOL = 0.3
+ACT_QUANT_MEAN_TOL = 0.1
 
 # (id, scheme, layer_config, packing_format the checkpoint gets)
 MATRIX = [
@@ -152,8 +156,10 @@ def test_plugin_serves_fp_auto_round_checkpoints(source, tmp_path, name):
     got = serve_offline(ckpt)
     assert got["config"] == "AutoRoundVllmConfig" and "AutoRoundFPLinearMethod" in got["methods"], got["methods"]
     tol = ACT_QUANT_LOGPROB_TOL if get_scheme(name).quantizes_activations else LOGPROB_TOL
-    for mine, theirs in zip(got["logprobs"], ref["logprobs"]):
-        assert (mine - theirs).abs().max().item() < tol
+    diffs = torch.cat([(mine - theirs).abs() for mine, theirs in zip(got["logprobs"], ref["logprobs"])])
+    print(f"\n{name}: max |log-prob diff| {diffs.max().item():.4f}, mean {diffs.mean().item():.4f}")
+    assert diffs.max().item() < tol
+    assert diffs.mean().item() < (ACT_QUANT_MEAN_TOL if get_scheme(name).quantizes_activations else LOGPROB_TOL)
     same = sum(a == b for a, b in zip(got["text"], ref["text"]))
     # Quantized activations turn float32 differences of the two engines' attention into an other FP4 code
     # now and then, which can flip a near-tie late in a greedy continuation (NVFP4: one of three prompts).
