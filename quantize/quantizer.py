@@ -20,8 +20,8 @@ from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, final_norm, per_block_kwargs, uses_amp
 from quantize.presets import TuneConfig
 from quantize.resume import ResumeState, Stopped, fingerprint, open_resume
-from quantize.signround import (QuantizedWeight, block_forward, compiles, round_block, search_compiles, searched_layers,
-                                settle_compile, tune_block)
+from quantize.signround import (QuantizedWeight, block_forward, compiles, round_block, searched_layers, settle_compile,
+                                tune_block)
 from quantize.streaming import Streamer
 
 
@@ -187,7 +187,6 @@ def quantize_model(
             state, resumed = open_resume(resume_folder, settings, inputs, overwrite)
         resumed = team.agree(resumed, device)
         state = state or ResumeState(resume_folder)
-    asked_compile = cfg.compile  # before settling: at iters 0 the search decides for itself (search_compiles)
     cfg = settle_compile(cfg, device, list(blocks.modules))
     outside = _outside_blocks(model, blocks, plan, cfg)  # before tuning: a refusal costs nothing
     # Round-to-nearest with no activation scale to calibrate and no clipping search needs no forward pass
@@ -195,9 +194,6 @@ def quantize_model(
     searches = bool(searched_layers(cfg, plan.quantize))
     rounds_only = cfg.iters == 0 and not searches and not any(s.static_activations for s in plan.quantize.values())
     calibrates_only = cfg.iters == 0 and not rounds_only and cfg.quantized_inputs
-    searched_all = searched_layers(cfg, plan.quantize) if calibrates_only else []
-    compiled_search = bool(searched_all) and search_compiles(
-        asked_compile, device, {n: (plan.quantize[n], model.get_submodule(n).weight.numel()) for n in searched_all})
     if rounds_only:
         fp_inputs, block_kwargs = torch.empty(0, device=device), [{}] * len(blocks.modules)
     else:
@@ -247,12 +243,10 @@ def quantize_model(
                 if searched and not any(s.static_activations for s in layers.values()):
                     # One pass: the search's pass leaves the unrounded block's outputs as the next block's
                     # inputs, as AutoRound's importance matrix is gathered on the full-precision model.
-                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched, outputs=q_inputs,
-                                          compiled_search=compiled_search)
+                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched, outputs=q_inputs)
                 else:
                     # Static scales are calibrated on the quantized model's activations, as tuning does.
-                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched,
-                                          compiled_search=compiled_search)
+                    weights = round_block(block, layers, q_inputs, kwargs, cfg.batch_size, amp, searched)
                     q_inputs = _run_block(block, q_inputs, kwargs, cfg.batch_size, amp, out=q_inputs, compiled=compiled)
                 fp_inputs = q_inputs
                 _check_finite(q_inputs, f"after block {i}")

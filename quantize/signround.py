@@ -220,22 +220,6 @@ def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: 
     return best
 
 
-# Evaluations of one weight at one grid point from which compiling the search pays at iters 0 (a few
-# seconds per layer shape; eager runs ~20 passes over the weights per grid point). The reference model's
-# NVFP4 search (51 grid points) is ~1.3e9; a 2-block test model's, thousands.
-SEARCH_COMPILE_MIN_WORK = 1 << 30
-
-
-def search_compiles(asked: bool | None, device: torch.device, searched: dict[str, tuple[Scheme, int]]) -> bool:
-    """Whether the clipping search of a run at iters 0 runs compiled (``searched``: layer -> scheme and
-    weight count): ``asked`` (``TuneConfig.compile``) when set, else on the CPU when the search's work pays
-    for compiling."""
-    if asked is not None:
-        return asked
-    work = sum(len(weight_rules.search_grid(s)) * numel for s, numel in searched.values())
-    return device.type == "cpu" and work >= SEARCH_COMPILE_MIN_WORK
-
-
 def searched_layers(cfg: TuneConfig, layers: dict[str, Scheme]) -> list[str]:
     """Layers whose clipping factors come from :func:`search_clip`: with ``init_clip`` on, every layer whose
     rule has a search grid (at iters 0 that is AutoRound's "optimized RTN"); by default, tuning starts 2-
@@ -377,22 +361,21 @@ def _unstack(best: dict[str, QuantizedWeight], stacks, static) -> dict[str, Quan
 
 @torch.no_grad()
 def round_block(block: nn.Module, layers: dict[str, Scheme], inputs: torch.Tensor | None = None, block_kwargs: dict | None = None,
-                batch: int = 1, amp: bool = False, searched: list[str] = (), outputs: torch.Tensor | None = None,
-                compiled_search: bool = False) -> dict[str, "QuantizedWeight"]:
+                batch: int = 1, amp: bool = False, searched: list[str] = (), outputs: torch.Tensor | None = None
+                ) -> dict[str, "QuantizedWeight"]:
     """``iters 0``: every layer rounded to nearest, with no pass beyond what static activation scales and
     the clipping search of the ``searched`` layers need (one over ``inputs``, before rounding, as
     :func:`tune_block` calibrates and searches). The same codes and scales as :func:`tune_block` at
     ``iters 0``, without its logged losses. The block then holds the dequantized weights and its layers'
     input quantization, as after tuning. ``outputs`` (with ``searched``) receives the unrounded block's
-    outputs from the search pass; ``compiled_search``: each grid point's error in one compiled pass."""
+    outputs from the search pass."""
     modules = dict(block.named_modules())
     weights = {name: modules[name].weight.detach() for name in layers}
     contexts = act_quant.weight_contexts(weights, layers)  # NVFP4: fused shards share one global scale
     static = act_quant.calibrate(block, layers, inputs, block_kwargs or {}, batch, amp) if inputs is not None else {}
     # installed before the search, as tune_block does: the search weighs the inputs the layers will see
     act_quant.install_all(block, {n: act_quant.quantizer(s, static.get(n)) for n, s in layers.items()})
-    clips = _searched_clips(block, layers, weights, contexts, list(searched), inputs, block_kwargs or {}, batch, amp, outputs,
-                            compiled_search)
+    clips = _searched_clips(block, layers, weights, contexts, list(searched), inputs, block_kwargs or {}, batch, amp, outputs)
     out = {}
     for name, scheme in layers.items():
         clip = clips.get(name, 1.0)

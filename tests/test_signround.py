@@ -210,20 +210,3 @@ def test_optimized_rtn_runs_through_the_quantizer(tiny_llama, scheme):
     assert runs[True].calibrated and runs[True].weights.keys() == runs[None].weights.keys()
     moved = [n for n, w in runs[True].weights.items() if not torch.equal(w.scales, runs[None].weights[n].scales)]
     assert moved
-
-
-def test_iters0_search_compiles_only_when_its_work_pays():
-    """At iters 0 the clipping search compiles on the CPU once weights x grid points reach
-    SEARCH_COMPILE_MIN_WORK (a big model's NVFP4 search), never for small ones or on CUDA; an explicit
-    compile setting stands."""
-    from quantize.scheme import get_scheme
-    from quantize.signround import SEARCH_COMPILE_MIN_WORK, search_compiles
-
-    nv = get_scheme("NVFP4")
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    grid = 51  # NVFP4's search grid
-    big = {f"l{i}": (nv, SEARCH_COMPILE_MIN_WORK // grid // 4 + 1) for i in range(4)}
-    small = {"l0": (nv, 64 * 128)}
-    assert search_compiles(None, cpu, big) and not search_compiles(None, cpu, small)
-    assert not search_compiles(None, cuda, big)
-    assert search_compiles(True, cpu, small) and not search_compiles(False, cpu, big)
