@@ -36,6 +36,19 @@ def test_gptq_3bit_word_boundaries():
     assert w[0] == 0b11 << 30 and w[1] == (0b1 | (0b01 << 31)) and w[2] == 0b10
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_bits_reads_any_whole_words(bits):
+    # A prefix of the words (3-bit: not a whole 3-word period), and the strided view the gptq layout reads.
+    torch.manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (5, 96))
+    words = pack_bits(codes, bits)
+    n = 64 // bits  # the codes that two words hold completely
+    assert torch.equal(unpack_bits(words[:, :2], bits, n), codes[:, :n].to(torch.uint8))
+    strided = words.t().contiguous().t()
+    assert not strided.is_contiguous()
+    assert torch.equal(unpack_bits(strided, bits, 96), codes.to(torch.uint8))
+
+
 @pytest.mark.parametrize("layout, bits, group_size", [
     (layout, bits, group_size)
     for layout in LAYOUTS for bits in (2, 3, 4, 8) for group_size in (32, 128, -1)
