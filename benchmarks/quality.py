@@ -83,6 +83,11 @@ def counted_bits(model, scheme) -> float:
     return average_bits(shapes, dict.fromkeys(shapes, scheme))
 
 
+def mean_row(rows: list[dict]) -> dict:
+    """One tool's rows of a config (one per seed) as one: mean perplexity and seconds."""
+    return {"tool": rows[0]["tool"], "ppl": sum(r["ppl"] for r in rows) / len(rows), "seconds": sum(r["seconds"] for r in rows) / len(rows)}
+
+
 def run_ours(base, scheme, cfg, calib, device, auto=None):
     """``auto``: (options, target bits): AutoScheme picks each layer's scheme first (scored on 16 x 256
     calibration tokens, as AutoRound scores; its time counts), then tuning as usual."""
@@ -166,6 +171,8 @@ def main() -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="our compiled qdq (auto: by block size)")
     p.add_argument("--deadline", type=float, default=None, help="seconds: start no new tuning run after this")
     p.add_argument("--skip-bf16", action="store_true", help="do not evaluate the unquantized model")
+    p.add_argument("--seeds", default="42", help="tuning seeds (e.g. 42,43,44): each row runs once per seed, and the "
+                   "side-by-side summary compares the tools' mean perplexity and time (where one run's spread decides a row)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -226,9 +233,10 @@ def main() -> None:
         info["bf16_ppl"] = ppl(base)
         print(f"BF16 ppl {info['bf16_ppl']:.2f}", flush=True)
     print(f"{'scheme':9} {'preset':17} {'tool':10} {'ppl':>8} {'anchor':>7} {'seconds':>8} {'GPU GB':>7} {'bits':>6}", flush=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
     for scheme_name, preset, only in configs:
-        results = {}
-        for tool in tools:
+        results: dict[str, list[dict]] = {}
+        for tool, seed in [(t, sd) for t in tools for sd in seeds]:
             if only and tool != only:
                 continue
             if args.deadline is not None and time.time() - start > args.deadline:
@@ -239,7 +247,7 @@ def main() -> None:
             auto = (args.auto_options.split(","), target) if target is not None else None
             scheme = get_scheme("W4A16" if auto else scheme_name)
             over = dict(nsamples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=args.batch_size, iters=args.iters)
-            cfg = get_preset(preset, **over, compile=compile_flag)
+            cfg = get_preset(preset, **over, compile=compile_flag, seed=seed)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -254,27 +262,29 @@ def main() -> None:
                 import traceback
 
                 traceback.print_exc()
-                info["rows"].append({"scheme": scheme_name, "preset": preset, "tool": tool, "error": f"{type(e).__name__}: {e}"})
+                info["rows"].append({"scheme": scheme_name, "preset": preset, "tool": tool, "seed": seed, "error": f"{type(e).__name__}: {e}"})
                 save()
                 continue
             del model
             gc.collect()
             anchor = ANCHORS.get((scheme_name, preset)) if tool == "intel" else None
             row = {"scheme": scheme_name, "preset": preset, "tool": tool, "ppl": value, "seconds": seconds,
-                   "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor, "bits": bits}
-            results[tool] = row
+                   "peak_gpu_gb": peak, "iters": cfg.iters, "anchor_h200": anchor, "bits": bits, "seed": seed}
+            results.setdefault(tool, []).append(row)
             info["rows"].append(row)
             print(f"{scheme_name:9} {preset:17} {tool:10} {value:8.2f} {anchor or float('nan'):7.2f} {seconds:8.1f} "
-                  f"{peak or float('nan'):7.2f} {bits or float('nan'):6.3f}", flush=True)
+                  f"{peak or float('nan'):7.2f} {bits or float('nan'):6.3f}" + (f"  seed {seed}" if len(seeds) > 1 else ""), flush=True)
             save()
         # the first of our variants beside the first of Intel's, in --tools order
         ours = next((results[t] for t in tools if t.startswith("ours") and t in results), None)
         intel = next((results[t] for t in tools if t in INTEL_VARIANTS and t in results), None)
         if ours and intel:
-            o, i = ours, intel
+            o, i = mean_row(ours), mean_row(intel)
             s = {"scheme": scheme_name, "preset": preset, "tools": [o["tool"], i["tool"]], "ppl_ours": o["ppl"], "ppl_intel": i["ppl"],
                  "ppl_ratio": o["ppl"] / i["ppl"], "seconds_ours": o["seconds"], "seconds_intel": i["seconds"],
                  "time_ratio": o["seconds"] / i["seconds"]}
+            if len(seeds) > 1:  # means over the seeds; each run's perplexity beside them
+                s.update(runs=len(ours), ppl_ours_runs=[r["ppl"] for r in ours], ppl_intel_runs=[r["ppl"] for r in intel])
             info["summary"].append(s)
             save()
 
@@ -284,6 +294,9 @@ def main() -> None:
         for s in info["summary"]:
             print(f"{s['scheme']:9} {s['preset']:17} {s['ppl_ours']:9.2f} {s['ppl_intel']:9.2f} {s['ppl_ratio']:6.3f} "
                   f"{s['seconds_ours']:7.1f} {s['seconds_intel']:7.1f} {s['time_ratio']:6.3f}")
+            if "runs" in s:
+                print(f"{'':27} runs: ours {', '.join(f'{v:.2f}' for v in s['ppl_ours_runs'])}; "
+                      f"Intel {', '.join(f'{v:.2f}' for v in s['ppl_intel_runs'])}")
         mean = sum(s["ppl_ratio"] for s in info["summary"]) / len(info["summary"])
         info["mean_ppl_ratio"] = mean
         print(f"mean ppl ratio {mean:.4f}")
