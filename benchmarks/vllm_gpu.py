@@ -18,6 +18,7 @@ transformers integration (--reference). The FP rows (``MXFP4 llm_compressor``, `
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -332,7 +333,8 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
     the bundled text) and exported as llm_compressor (``DEEPSEEK``: FP8_BLOCK as ``--format fp8``): vLLM's
     compressed-tensors (or Fp8) method against the same quantized model in transformers, computing as our
     emulation does (dequantized weights, activations fake-quantized) in float32, vLLM in bf16 on CUDA (float32
-    on the CPU): greedy text and the largest |prompt log-prob difference|; FP4 schemes on Hopper also against the
+    on the CPU): greedy text and the largest and mean |prompt log-prob difference|; on CUDA also against the
+    emulation in bf16 (``*_same_dtype``) and that emulation's own distance from float32; FP4 schemes on Hopper also against the
     model with unquantized inputs (vLLM runs them weight-only there). The unquantized model's row is the
     noise floor of that comparison. The engines run eagerly (no compiled fusions: the checkpoint's numbers
     as vLLM's kernels compute them); ``save`` receives the results after each row; rows in ``done`` are kept."""
@@ -367,6 +369,10 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
                                  TuneConfig(iters=0, nsamples=32, seqlen=512, batch_size=8), device, progress=False)
             model.to(device)  # quantize_model leaves each finished block on the host
         hf_text, hf_logprobs = hf_greedy(model, tok, device, tokens)
+        # The same emulation in vLLM's dtype: activation codes flip on bf16 rounding alone (on the CPU, this
+        # model's INT8 emulation moves mean |log-prob| 0.136 from float32 to bf16, FP8_BLOCK 0.205, the
+        # unquantized model 0.041), so this row separates vLLM's arithmetic from the dtype's.
+        same_dtype = hf_greedy(copy.deepcopy(model).to(dtype), tok, device, tokens) if dtype != torch.float32 else None
         # On Hopper vLLM runs FP4 layers weight-only (Marlin): the same model with its inputs left unquantized
         # is what it computes there, so the check compares with that too.
         weight_only = None
@@ -387,8 +393,14 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
         vl = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-3000:]}
         row = {"equal": hf_text == vl.get("text")}
         if "prompt_logprobs" in vl:
-            row["max_logprob_diff"] = max(abs(a - b) for a, b in zip(vl["prompt_logprobs"], hf_logprobs))
+            row.update(logprob_diff(vl["prompt_logprobs"], hf_logprobs))
         row.update(transformers=hf_text, transformers_logprobs=hf_logprobs, vllm=vl)
+        if same_dtype is not None:
+            row["equal_same_dtype"] = same_dtype[0] == vl.get("text")
+            if "prompt_logprobs" in vl:
+                row.update({f"{k}_same_dtype": v for k, v in logprob_diff(vl["prompt_logprobs"], same_dtype[1]).items()})
+            row.update({f"{k}_transformers_dtype_alone": v for k, v in logprob_diff(same_dtype[1], hf_logprobs).items()})
+            row.update(transformers_same_dtype=same_dtype[0], transformers_same_dtype_logprobs=same_dtype[1])
         if weight_only is not None:
             row["equal_weight_only"] = weight_only[0] == vl.get("text")
             if "prompt_logprobs" in vl:
@@ -396,9 +408,16 @@ def fp_greedy_check(reference: Path, work: Path, schemes: list[str], tokens: int
             row.update(transformers_weight_only=weight_only[0], transformers_weight_only_logprobs=weight_only[1])
         result[name] = row
         save(result)
-        verdict = {k: row[k] for k in ("equal", "max_logprob_diff", "equal_weight_only", "max_logprob_diff_weight_only") if k in row}
+        verdict = {k: row[k] for k in ("equal", "max_logprob_diff", "mean_logprob_diff", "equal_same_dtype", "max_logprob_diff_same_dtype",
+                                       "mean_logprob_diff_same_dtype", "max_logprob_diff_transformers_dtype_alone",
+                                       "mean_logprob_diff_transformers_dtype_alone", "equal_weight_only", "max_logprob_diff_weight_only") if k in row}
         print(name, json.dumps(verdict), vl.get("schemes"), vl.get("error", "")[-600:], flush=True)
     return result
+
+
+def logprob_diff(a: list[float], b: list[float]) -> dict[str, float]:
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return {"max_logprob_diff": max(d), "mean_logprob_diff": sum(d) / len(d)}
 
 
 # schemes whose activations are FP4 (served weight-only by vLLM's Marlin on GPUs before sm100)
@@ -458,6 +477,8 @@ def main() -> None:
     p.add_argument("--reference-scheme", default="W4A16", choices=sorted(SCHEMES), help="its scheme (default W4A16)")
     p.add_argument("--fp-reference", default=None, help=f"the same check for the FP schemes' llm_compressor exports "
                    f"in vLLM's compressed-tensors method ({', '.join(FP_SCHEMES)}), against transformers' emulation")
+    p.add_argument("--fp-rows", default=",".join(["bf16", *FP_SCHEMES, DEEPSEEK]),
+                   help="the --fp-reference rows to run (bf16 is the noise floor)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama",
                    help="llama: Llama-2-7B's layer; qwen3_moe: Qwen3-30B-A3B's (128 experts, 8 routed)")
     p.add_argument("--layers", type=int, default=32)
@@ -489,7 +510,7 @@ def main() -> None:
 
     import torch
 
-    rows = [r for r in args.rows.split(",") if r] if args.rows else DEFAULT_ROWS[args.shape]
+    rows = [r for r in args.rows.split(",") if r] if args.rows is not None else DEFAULT_ROWS[args.shape]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
@@ -497,7 +518,7 @@ def main() -> None:
     # the same rows reuses the folder
     needed = sorted({ROWS[r][0].split("-")[0] for r in rows} - {"bf16"})
     forced = [f"W4A16-{k}" for k in FORCED] if "W4A16" in needed else []
-    if not all((work / n / "config.json").exists() for n in ["bf16", *needed, *forced]):
+    if rows and not all((work / n / "config.json").exists() for n in ["bf16", *needed, *forced]):
         t0 = time.time()
         build_checkpoints(work, Path(args.tokenizer), SHAPES[args.shape](args.layers), args.layers, needed)
         print(f"checkpoints written in {time.time() - t0:.0f} s", flush=True)
@@ -536,12 +557,13 @@ def main() -> None:
         print(row, json.dumps(info["rows"][row])[:600], flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
-    fp_rows = ["bf16", *FP_SCHEMES, DEEPSEEK]
+    fp_rows = [r for r in args.fp_rows.split(",") if r]
     if args.fp_reference and set(fp_rows) - set(info.get("fp_greedy", {})) and (args.deadline is None or time.time() - START < args.deadline):
         def save(partial):
             if args.json:
                 Path(args.json).write_text(json.dumps({**info, "fp_greedy": partial}, indent=2))
-        info["fp_greedy"] = fp_greedy_check(Path(args.fp_reference), work, fp_rows[1:], save=save, done=info.get("fp_greedy"))
+        info["fp_greedy"] = fp_greedy_check(Path(args.fp_reference), work, [r for r in fp_rows if r != "bf16"], save=save,
+                                            done=info.get("fp_greedy"))
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2))
     base = info["rows"].get("bf16", {}).get("tok_s", {})
