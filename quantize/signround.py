@@ -212,8 +212,7 @@ def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: 
     best_err = torch.full((n, g), float("inf"), device=w.device)
     best = torch.ones((n, g), device=w.device)
     errors = _compiled_clip_error() if compiled else _clip_error
-    for r in weight_rules.search_grid(scheme):
-        factor = torch.full((n, g), r, device=w.device)
+    for factor in weight_rules.search_candidates(w, scheme, ctx):
         err = errors(w, wf, imp, factor, scheme, ctx)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, factor, best)

@@ -137,6 +137,10 @@ class _NV:
         return numerics_nvfp4.fake_quantize(w, _global_scale(w, ctx), v, max_scale, scheme.group_size)
 
     @staticmethod
+    def search_candidates(w, scheme, ctx):
+        return numerics_nvfp4.distinct_factors(w, _global_scale(w, ctx), _NV.search_grid, scheme.group_size)
+
+    @staticmethod
     def quantize(w, scheme, v, min_scale, max_scale, ctx):
         gs = _global_scale(w, ctx)
         packed, scales = numerics_nvfp4.quantize_weight(w, gs, v, max_scale, scheme.group_size)
@@ -221,3 +225,14 @@ def row_local(scheme: Scheme) -> bool:
 def search_grid(scheme: Scheme) -> list[float] | None:
     """The clipping factors a grid search tries for this rule (per row group), or None: not searched."""
     return rule(scheme).search_grid
+
+
+def search_candidates(w: torch.Tensor, scheme: Scheme, ctx: dict | None = None) -> list[torch.Tensor]:
+    """Per-group factor tensors ``clip_shape`` for a search over the rule's grid, ascending: the grid itself,
+    or, where the rule rounds what the factor moves (NVFP4's FP8 group scale), one factor per distinct
+    outcome (the same search result from fewer passes)."""
+    candidates = getattr(rule(scheme), "search_candidates", None)
+    if candidates is not None:
+        return candidates(w, scheme, ctx)
+    shape = clip_shape(scheme, *w.shape)
+    return [torch.full(shape, r, device=w.device) for r in search_grid(scheme)]

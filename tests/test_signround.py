@@ -210,3 +210,31 @@ def test_optimized_rtn_runs_through_the_quantizer(tiny_llama, scheme):
     assert runs[True].calibrated and runs[True].weights.keys() == runs[None].weights.keys()
     moved = [n for n, w in runs[True].weights.items() if not torch.equal(w.scales, runs[None].weights[n].scales)]
     assert moved
+
+
+def test_nvfp4_search_over_distinct_scales_equals_the_whole_grid():
+    """NVFP4's search evaluates one factor per distinct FP8 group scale (numerics_nvfp4.distinct_factors):
+    it must pick, per group, exactly the factor the search over all 51 grid points picks (the first with
+    the least error), including groups of zeros and of values so small the scale sits at its floor."""
+    from quantize import weight_rules
+    from quantize.scheme import get_scheme
+    from quantize.signround import search_clip
+
+    torch.manual_seed(1)
+    scheme = get_scheme("NVFP4A16")
+    w = torch.randn(16, 256) * torch.rand(16, 1) * 3
+    w[0, :16] = 0.0
+    w[1, :16] = 1e-12
+    w[2, 16:32] = 40.0
+    importance = torch.rand(256) + 0.05
+    grid = weight_rules.search_grid(scheme)
+    candidates = weight_rules.search_candidates(w, scheme)
+    assert len(candidates) < len(grid) / 3
+
+    def error(factor):
+        diff = (w - weight_rules.fake_quantize(w, scheme, 0.0, factor, factor)).reshape(16, 16, -1)
+        return (importance.reshape(1, 16, -1) * diff.square()).sum(-1)
+
+    errors = torch.stack([error(torch.full((16, 16), r)) for r in grid])
+    first_best = torch.tensor(grid)[(errors == errors.min(0).values).int().argmax(0)]
+    assert torch.equal(search_clip(w, scheme, importance), first_best)
