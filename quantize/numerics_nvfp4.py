@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from .numerics import to_groups
-from .numerics_fp import FP4_E2M1, FP8_E4M3, cast, cast_ste, decode, encode, pack_fp4, unpack_fp4
+from .numerics_fp import FP4_E2M1, FP8_E4M3, cast, cast_ste, decode, encode, pack_fp4, round_to_grid_, unpack_fp4
 
 NVFP4_GROUP = 16
 GLOBAL_NUMERATOR = FP8_E4M3.max * FP4_E2M1.max  # 2688.0
@@ -104,9 +104,14 @@ def _qdq_groups(w, gscale, v, max_scale, group_size):
     gscale = torch.as_tensor(gscale, dtype=torch.float32)
     s = group_scales(wg, gscale, max_scale)
     eff = (s / gscale).unsqueeze(-1)
-    v = v.reshape(wg.shape) if isinstance(v, torch.Tensor) else v
-    x = torch.clamp(wg / eff + v, -FP4_E2M1.max, FP4_E2M1.max)
-    return cast_ste(x, FP4_E2M1), s, eff
+    if isinstance(v, torch.Tensor):
+        x = torch.clamp(wg / eff + v.reshape(wg.shape), -FP4_E2M1.max, FP4_E2M1.max)
+    else:
+        x = (wg / eff + v if v else wg / eff).clamp_(-FP4_E2M1.max, FP4_E2M1.max)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return cast_ste(x, FP4_E2M1), s, eff
+    # nothing to differentiate (activations, the search, the final codes): x is ours to round in place
+    return round_to_grid_(x, FP4_E2M1), s, eff
 
 
 def fake_quantize(
