@@ -88,9 +88,9 @@ def distinct_factors(w: torch.Tensor, gscale: torch.Tensor | float, grid: Sequen
     factors = torch.tensor(list(grid), dtype=torch.float32, device=w.device)
     # every group's scale at every factor [N, G, R], as fake_quantize computes it; E4M3 codes of positive
     # values ascend with the value, and a grid step moves the scale by at most one code
-    codes = _unrounded_scales(amax.unsqueeze(-1), gscale, factors).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16)
+    codes = _unrounded_scales(amax.unsqueeze(-1), gscale, factors).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
     count = int((codes[..., -1] - codes[..., 0]).max()) + 1
-    wanted = codes[..., :1] + torch.arange(count, dtype=torch.int16, device=w.device)
+    wanted = codes[..., :1] + torch.arange(count, dtype=torch.int32, device=w.device)
     first = torch.searchsorted(codes.contiguous(), wanted.contiguous())  # [N, G, count]: where each code starts
     first = torch.where(first < len(grid), first, 0)
     return list(factors[first].unbind(-1))
