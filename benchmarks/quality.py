@@ -12,6 +12,7 @@ not), GPU synchronized before and after.
   python benchmarks/quality.py --configs W4A16:auto-round-light,W2A16:auto-round --tools ours,intel
   python benchmarks/quality.py --model .gpu/model --calib .gpu/calib128x512.pt --heldout .gpu/heldout300.pt
   python benchmarks/quality.py --configs auto@3.0:auto-round,W2A16:auto-round --auto-options W2A16,W4A16,W8A16
+  python benchmarks/quality.py --configs auto@4.5:auto-round --seeds 42,43,44     # rows within one seed's spread
 
 ``auto@BITS``: AutoScheme over ``--auto-options`` for at most BITS bits per weight (ours and Intel's), each
 row with the average bits it counts (block layers, 16-bit scales, zero points of asym schemes).
