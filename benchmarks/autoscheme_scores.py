@@ -7,7 +7,7 @@ for the same (layer, option) pairs from the calibration text (16 x 256 tokens by
 scoring size), with ``d = W - Q(W)`` and per-sample loss gradients ``g``:
 
 - ``taylor_q_signed`` (ours, quantize.autoscheme): gradients with the whole model at the option,
-  ``sum over batches of |sum g * d|`` (batches of 4 samples);
+  ``sum over batches of |sum g * d|`` (batches of ``SCORE_BATCH`` = 4 samples);
 - ``taylor_q_abs`` (AutoRound's DeltaLoss): the same gradients, ``sum |g * d|`` weight by weight;
 - ``taylor_fp_signed``: gradients of the unquantized model, ``sum over batches of |sum g * d|``;
 - ``fisher``: the unquantized model's per-sample gradients squared (empirical Fisher diagonal), a
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    from quantize.autoscheme import _quantized, parse_options
+    from quantize.autoscheme import SCORE_BATCH, _quantized, parse_options
     from quantize.calib import calibration_ids
     from quantize.eval import load_eval_ids
     from quantize.model import find_blocks, load_model
@@ -120,12 +120,12 @@ def main() -> None:
             for s, grads in enumerate(sample_gradients(model, layers, calib)):
                 for n, g in grads.items():
                     gd = g * delta[n]
-                    batch_sum[n] += gd.sum().item() / 4  # the mean loss of a batch of 4 samples
+                    batch_sum[n] += gd.sum().item() / SCORE_BATCH  # the mean loss of a scoring batch
                     if quantized:
                         scores["taylor_q_abs"][n] += gd.abs().sum().item()
                     else:
                         scores["fisher"][n] += 0.5 * gd.square().sum().item()
-                if s % 4 == 3:
+                if s % SCORE_BATCH == SCORE_BATCH - 1 or s == len(calib) - 1:
                     for n in layers:
                         scores["taylor_q_signed" if quantized else "taylor_fp_signed"][n] += abs(batch_sum[n])
                         batch_sum[n] = 0.0

@@ -64,11 +64,7 @@ def group_scales(
 ) -> torch.Tensor:
     """FP8 group scales ``[N, G]`` (float32 values on the E4M3 grid) of grouped weights ``[N, G, 16]``;
     differentiable in ``max_scale`` through a straight-through FP8 cast."""
-    return _scales_from_amax(wg.abs().amax(dim=-1), gscale, max_scale)
-
-
-def _scales_from_amax(amax: torch.Tensor, gscale: torch.Tensor, max_scale: torch.Tensor | float) -> torch.Tensor:
-    return cast_ste(_unrounded_scales(amax, gscale, max_scale), FP8_E4M3)
+    return cast_ste(_unrounded_scales(wg.abs().amax(dim=-1), gscale, max_scale), FP8_E4M3)
 
 
 def _unrounded_scales(amax: torch.Tensor, gscale: torch.Tensor, max_scale: torch.Tensor | float) -> torch.Tensor:
