@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantize import distributed, host_memory
+from quantize import distributed
 from quantize.calib_images import ImageCalibration
 from quantize.layer_config import LayerPlan
 from quantize.model import Blocks, UserError, capture_block_inputs, compute_dtype, final_norm, per_block_kwargs, uses_amp
@@ -169,8 +169,6 @@ def quantize_model(
     if streamer is not None and resume_folder is None:
         raise ValueError("a streamed run keeps its tuned layers in the resume folder: pass resume_folder")
     start = time.time()
-    if device.type == "cpu":
-        host_memory.keep_freed_pages()  # every step's tensors on reused pages (quantize.host_memory)
     calib_images = calib_ids if isinstance(calib_ids, ImageCalibration) else None
     calib_ids = calib_images.ids if calib_images else calib_ids
     model_dtype = next(blocks.modules.parameters()).dtype
