@@ -424,6 +424,15 @@ def _warm_up(compiled_loss, eager_loss, probe, params):
     return compiled_loss
 
 
+def sample_batches(nsamples: int, size: int, generator: torch.Generator):
+    """Batches of ``size`` sample indices, walking through a shuffled order of all ``nsamples`` and
+    reshuffling when fewer than ``size`` remain (the tail is dropped), as AutoRound samples: every sample
+    is seen once per pass, where drawing each batch afresh leaves some out for many steps."""
+    while True:
+        order = torch.randperm(nsamples, generator=generator)
+        yield from order[: nsamples - nsamples % size].split(size)
+
+
 def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device, keep_best) -> None:
     """Signed gradient descent; calls ``keep_best`` whenever the training loss reaches a new low."""
     groups = [
@@ -434,8 +443,9 @@ def _signed_descent(params, loss, nsamples, cfg: TuneConfig, generator, device, 
     pick = cfg.batch_size * cfg.grad_accum
     team = distributed.current()  # several processes: each takes its share of every batch (quantize.distributed)
     tuned = [t for group, _ in groups for t in group]
+    batches = sample_batches(nsamples, pick, generator)
     for step in range(cfg.iters):
-        order = torch.randperm(nsamples, generator=generator)[:pick].to(device)
+        order = next(batches).to(device)
         total = 0.0
         for idx in order.split(cfg.batch_size):
             batch_loss = loss(team.share(idx)) / (cfg.grad_accum * team.size)

@@ -13,7 +13,7 @@ from quantize.model import capture_block_inputs, find_blocks, load_model
 from quantize.presets import TuneConfig
 from quantize.quantizer import _run_block
 from quantize.scheme import Scheme
-from quantize.signround import tune_block
+from quantize.signround import sample_batches, tune_block
 
 from conftest import CALIB
 
@@ -238,3 +238,14 @@ def test_nvfp4_search_over_distinct_scales_equals_the_whole_grid():
     errors = torch.stack([error(torch.full((16, 16), r)) for r in grid])
     first_best = torch.tensor(grid)[(errors == errors.min(0).values).int().argmax(0)]
     assert torch.equal(search_clip(w, scheme, importance), first_best)
+
+
+def test_batches_walk_every_sample_once_per_pass():
+    batches = sample_batches(10, 4, torch.Generator().manual_seed(0))
+    passes = [[next(batches) for _ in range(2)] for _ in range(3)]  # 10 // 4 = 2 batches a pass, tail dropped
+    for batch_pair in passes:
+        seen = torch.cat(batch_pair)
+        assert all(len(b) == 4 for b in batch_pair) and len(set(seen.tolist())) == 8  # no repeat within a pass
+    assert not all(torch.equal(passes[0][0], p[0]) for p in passes[1:])  # reshuffled between passes
+    again = sample_batches(10, 4, torch.Generator().manual_seed(0))
+    assert all(torch.equal(next(again), b) for pair in passes for b in pair)  # the seed decides every batch
