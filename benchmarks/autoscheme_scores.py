@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+SCORES = ("taylor_q_signed", "taylor_q_abs", "taylor_fp_signed", "fisher")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -111,7 +112,7 @@ def main() -> None:
             m.weight.data = q[n]
             real[n] = mean_loss(model, heldout) - base_loss
             m.weight.data = full[n]
-        scores = {k: {n: 0.0 for n in layers} for k in ("taylor_q_signed", "taylor_q_abs", "taylor_fp_signed", "fisher")}
+        scores = {k: {n: 0.0 for n in layers} for k in SCORES}
         for quantized in (False, True):
             for n, m in layers.items():
                 m.weight.data = q[n] if quantized else full[n]
@@ -141,7 +142,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(info, indent=1))
     if len(info["options"]) > 1:  # all pairs together: what the allocation compares across options too
         pooled = {}
-        for k in ("taylor_q_signed", "taylor_q_abs", "taylor_fp_signed", "fisher"):
+        for k in SCORES:
             xs = [v for o in info["options"].values() for v in o["scores"][k].values()]
             ys = [v for o in info["options"].values() for v in o["real_loss_change"].values()]
             pooled[k] = spearman(xs, ys)
