@@ -8,7 +8,9 @@ tokens/s at several batch sizes (128-token prompts, 512 new tokens, ignore_eos) 
 token of a 2048-token prompt, and compares each row's prompt log-probs with our own kernels' row. Also checks greedy text of a real model through the plugin against the
 transformers integration (--reference). The FP rows (``MXFP4 llm_compressor``, ``NVFP4 ...``, ``FP8_BLOCK ...``,
 ``INT8 ...``; issue 14) are our llm_compressor exports served by vLLM's own compressed-tensors method, and
-``--fp-reference`` checks them on a real model against transformers' emulation. Prints a table and writes JSON.
+``--fp-reference`` checks them on a real model against transformers' emulation; the ``... plugin`` FP rows
+(``FP8_STATIC``, ``MXFP4``, ``NVFP4``, ``MXFP8``) are the same schemes in the auto_round layout, served by the
+plugin (FP8 tensor cores; vLLM's Marlin for the FP4 and MXFP8 weights). Prints a table and writes JSON.
 
   python benchmarks/vllm_gpu.py --work /tmp/vb --tokenizer .gpu/model --reference .gpu/model --json out.json
   python benchmarks/vllm_gpu.py --rows "bf16,MXFP4 llm_compressor,NVFP4 llm_compressor,FP8_BLOCK llm_compressor,INT8 llm_compressor" --fp-reference .gpu/model
@@ -36,8 +38,9 @@ SCHEMES = {"W4A16": 4, "W3A16": 3, "W2A16": 2}
 FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
 # FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
 DEEPSEEK = "FP8_BLOCK_fp8"
-# FP8_STATIC in the auto_round layout, served by the plugin (FP8 tensor cores: quantize.kernels.fp8_scaled_mm)
-AR_FP8 = "FP8_STATIC_ar"
+# FP schemes in the auto_round layout, served by the plugin (quantize.kernels: FP8_STATIC on FP8 tensor cores,
+# MXFP4 / NVFP4 / MXFP8 on vLLM's Marlin); checkpoint name -> scheme
+AR_ROWS = {f"{s}_ar": s for s in ("FP8_STATIC", "MXFP4", "NVFP4", "MXFP8")}
 FORCED = ("triton", "tinygemm", "humming")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
@@ -54,7 +57,7 @@ ROWS = {
     "W4A16 plugin (per-expert Triton, eager)": ("W4A16-triton", None, True),
     **{f"{n} llm_compressor": (n, None, False) for n in FP_SCHEMES},
     "FP8_BLOCK fp8 (DeepSeek layout)": (DEEPSEEK, None, False),
-    "FP8_STATIC plugin": (AR_FP8, None, False),
+    **{f"{s} plugin": (ckpt, None, False) for ckpt, s in AR_ROWS.items()},
 }
 DEFAULT_ROWS = {"llama": [r for r in ROWS if "per-expert" not in r and "llm_compressor" not in r and "FP8" not in r],
                 "qwen3_moe": ["bf16", "W4A16 vLLM built-in (inc)", "W4A16 plugin", "W4A16 plugin (per-expert Triton, eager)"]}
@@ -114,7 +117,7 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
 
     hidden = shape["hidden"]
     names = ["bf16"] + schemes
-    fp = [n for n in schemes if n in FP_SCHEMES or n in (DEEPSEEK, AR_FP8)]
+    fp = [n for n in schemes if n in FP_SCHEMES or n == DEEPSEEK or n in AR_ROWS]
     dirs = {n: work / n for n in names}
     for n, d in dirs.items():
         shutil.rmtree(d, ignore_errors=True)
@@ -155,13 +158,14 @@ def build_checkpoints(work: Path, tokenizer: Path, shape: dict, layers: int, sch
                 shard[n][f"model.layers.{i}.{leaf}.weight"] = w
         weights = {leaf: rand(out_f, in_f) for leaf, (out_f, in_f) in shape["linears"].items()}
         # NVFP4's global scales as tuning fixes them (fused q/k/v and gate/up share one)
-        nv_contexts = weight_contexts(weights, dict.fromkeys(weights, get_scheme("NVFP4"))) if "NVFP4" in fp else {}
+        nv = [n for n in fp if fp_scheme(n).name == "NVFP4"]
+        nv_contexts = weight_contexts(weights, dict.fromkeys(weights, get_scheme("NVFP4"))) if nv else {}
         for leaf in shape["linears"]:
             w = weights[leaf]
             key = f"model.layers.{i}.{leaf}"
             shard["bf16"][f"{key}.weight"] = w.cpu()
             for n in fp:
-                shard[n].update({f"{key}.{k}": v.cpu() for k, v in fp_layer(key, w, n, nv_contexts.get(leaf) if n == "NVFP4" else None).items()})
+                shard[n].update({f"{key}.{k}": v.cpu() for k, v in fp_layer(key, w, n, nv_contexts.get(leaf) if n in nv else None).items()})
             for n in (n for n in schemes if n in SCHEMES):
                 q, s, z = quantize_weight(w.float(), SCHEMES[n], 128, True)
                 p = pack("gptq", q, s, z, SCHEMES[n])
@@ -194,7 +198,7 @@ def fp_scheme(name: str):
     """The scheme of an FP checkpoint name (the DeepSeek-layout one holds FP8_BLOCK)."""
     from quantize.scheme import get_scheme
 
-    return get_scheme({DEEPSEEK: "FP8_BLOCK", AR_FP8: "FP8_STATIC"}.get(name, name))
+    return get_scheme({DEEPSEEK: "FP8_BLOCK", **AR_ROWS}.get(name, name))
 
 
 # NVFP4's and FP8_STATIC's static activation scales from an assumed input amax (random model: speed only,
@@ -212,13 +216,16 @@ def fp_layer(name: str, w, scheme_name: str, ctx: dict | None) -> dict:
     from quantize.signround import QuantizedWeight
     from quantize.weight_rules import quantize_weight as rule_quantize
 
-    layer_tensors = {DEEPSEEK: fp8.layer_tensors, AR_FP8: lambda _name, w: auto_round_fp.layer_tensors(w)}.get(
-        scheme_name, compressed_tensors_fp.layer_tensors)
+    layer_tensors = compressed_tensors_fp.layer_tensors
+    if scheme_name == DEEPSEEK:
+        layer_tensors = fp8.layer_tensors
+    elif scheme_name in AR_ROWS:
+        layer_tensors = lambda _name, w: auto_round_fp.layer_tensors(w)  # noqa: E731
     scheme = fp_scheme(scheme_name)
     q, scales, zeros, extra = rule_quantize(w.float(), scheme, ctx=ctx)
-    if scheme_name == "NVFP4":
+    if scheme.name == "NVFP4":
         extra["input_global_scale"] = nv_global_scale(NVFP4_INPUT_AMAX)
-    if scheme_name == AR_FP8:
+    if scheme.name == "FP8_STATIC":
         extra["input_scale"] = fp8_static_scale(NVFP4_INPUT_AMAX)
     extra = {k: v.to(w.device) for k, v in extra.items()}
     return layer_tensors(name, QuantizedWeight(q, scales, zeros, scheme, extra))
@@ -238,9 +245,9 @@ def write_fp_config(folder: Path, scheme_name: str, layers: int, shape: dict) ->
     linear = dict.fromkeys(quantized, None) | {f"model.layers.{i}.{k}": None for i in range(layers) for k in shape["kept"]}
     linear["lm_head"] = None
     source = SimpleNamespace(layers=quantized, linear_shapes=linear)
-    if scheme_name in (DEEPSEEK, AR_FP8):
+    if scheme_name == DEEPSEEK or scheme_name in AR_ROWS:
         c = json.loads((folder / "config.json").read_text())
-        if scheme_name == AR_FP8:
+        if scheme_name in AR_ROWS:
             kept = [f"model.layers.{i}.{k}" for i in range(layers) for k in shape["kept"]]
             ar = SimpleNamespace(layers=quantized, scheme=scheme, in_block=lambda _name: True, kept_in_blocks=kept,
                                  block_prefixes=["model.layers"])

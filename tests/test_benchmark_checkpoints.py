@@ -53,3 +53,24 @@ def test_benchmark_checkpoints_load_and_agree(shape, tmp_path):
     err = {name: ((got - ref).norm() / ref.norm()).item() for name, got in logits.items()}
     assert err["W4A16"] < err["W3A16"] < err["W2A16"], err  # fewer bits, further from bf16
     assert err["W4A16"] < 0.2, err
+
+
+def test_auto_round_fp_checkpoints_load_and_agree(tmp_path):
+    """The plugin's FP rows: auto_round FP checkpoints of the same random weights, through our transformers
+    integration (the emulation on the CPU; vLLM's Marlin or FP8 kernels on the GPU)."""
+    bench = _bench()
+    arch, dims = SHAPES["llama"]
+    bench.build_checkpoints(tmp_path, TOKENIZER, bench.SHAPES["llama"](1, **dims), 1, list(bench.AR_ROWS))
+    ids = torch.tensor([[1, 450, 1183, 310, 278, 3186, 338, 263]])
+    logits = {}
+    for name in ("bf16", *bench.AR_ROWS):
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        if name != "bf16":
+            assert cfg["quantization_config"]["quant_method"] == "auto-round", name
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    ref = logits.pop("bf16")
+    err = {name: ((got - ref).norm() / ref.norm()).item() for name, got in logits.items()}
+    assert err["MXFP8_ar"] < err["NVFP4_ar"] < err["MXFP4_ar"] < 0.3, err  # 8 bits closest; NVFP4's finer scales beat MXFP4's
+    assert err["FP8_STATIC_ar"] < 0.1, err

@@ -233,3 +233,65 @@ def test_vllm_fp8_kernel_agrees_with_the_scaled_mm_kernel():
         rel = ((a - b).norm() / b.norm()).item()
         print(f"M={m}: codes differing from the scheme's rule {differ:.2e}, relative difference {rel:.2e}")
         assert differ <= 1e-3 and rel < 5e-3
+
+
+def _fp_parts(scheme, rows, k, dev, shared):
+    """One fused layer's auto_round FP tensors (q/k/v-like parts of ``rows``), from random weights; NVFP4
+    parts share one global scale (``shared``, as we and AutoRound write them) or keep their own."""
+    from quantize import numerics_nvfp4
+    from quantize.export.auto_round_fp import layer_tensors
+    from quantize.signround import QuantizedWeight
+    from quantize.weight_rules import quantize_weight
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    weights = [torch.randn(n, k, device=dev, generator=g) * 0.02 * (i + 1) for i, n in enumerate(rows)]
+    parts = []
+    for w in weights:
+        ctx = {}
+        if scheme.data_type == "nv_fp":
+            ctx["global_scale"] = numerics_nvfp4.fused_global_scale([x.abs().amax() for x in weights] if shared else [w.abs().amax()]).to(dev)
+        q, scales, zeros, extra = quantize_weight(w, scheme, ctx=ctx)
+        if scheme.quantizes_activations and scheme.data_type == "nv_fp":
+            extra["input_global_scale"] = numerics_nvfp4.global_scale(8.0).to(dev)
+        parts.append(layer_tensors(QuantizedWeight(q, scales, zeros, scheme, extra)))
+    return parts
+
+
+@pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16", "MXFP8A16", "NVFP4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_vllm_marlin_fp_agrees_with_the_dequantized_weight(name, dtype, shared):
+    pytest.importorskip("vllm._custom_ops")
+    import torch.nn.functional as F
+
+    from quantize.kernels import FPLinearSpec
+    from quantize.kernels.fp_emulate import FPEmulateKernel
+    from quantize.kernels.vllm_marlin_fp import VllmMarlinFPKernel
+    from quantize.scheme import get_scheme
+
+    dev, scheme, rows, k = torch.device("cuda"), get_scheme(name), [1024, 256, 256], 2048
+    if not shared and scheme.data_type != "nv_fp":
+        pytest.skip("only NVFP4 parts carry a global scale")
+    spec = FPLinearSpec(scheme, k, sum(rows), dtype)
+    assert select_kernel(spec, dev).name == "vllm_marlin_fp"
+    parts = _fp_parts(scheme, rows, k, dev, shared)
+    state = VllmMarlinFPKernel.prepare(spec, parts)
+    assert ("column_scale" in state) == (not shared)
+    weight = FPEmulateKernel.prepare(spec, parts)["weight"]  # exact dequantization, rounded once to dtype
+    g = torch.Generator(device=dev).manual_seed(1)
+    bias = torch.randn(sum(rows), device=dev, generator=g).to(dtype)
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device=dev, generator=g).to(dtype)
+        got = VllmMarlinFPKernel.apply(spec, state, x, bias).float()
+        want = F.linear(x.float(), weight.float(), bias.float())
+        rel = ((got - want).norm() / want.norm()).item()
+        print(f"{name} {dtype} shared={shared} M={m}: relative difference {rel:.2e}")
+        assert rel < 1e-2, rel
+    # inside a CUDA graph, as vLLM captures decode
+    x = torch.randn(4, k, device=dev, generator=g).to(dtype)
+    eager = VllmMarlinFPKernel.apply(spec, state, x, bias)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = VllmMarlinFPKernel.apply(spec, state, x, bias)
+    graph.replay()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)

@@ -11,6 +11,7 @@ from quantize.kernels import (
     torch_ref,  # noqa: F401  (registers the portable path)
     vllm_cpu,  # noqa: F401  (vLLM's CPU kernel, when vLLM is loaded)
     vllm_fp8,  # noqa: F401  (vLLM's CUTLASS FP8 GEMM for FP8_STATIC layers, when vLLM is loaded on CUDA)
+    vllm_marlin_fp,  # noqa: F401  (vLLM's Marlin for MXFP4 / NVFP4 / MXFP8 weights, when vLLM is loaded on CUDA)
 )
 from quantize.kernels.dispatch import (
     KERNELS,
