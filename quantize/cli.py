@@ -239,7 +239,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantize.export.registry import check_formats, check_streams, export, parse_formats, streams
     from quantize.export.source import ExportSource
     from quantize.layer_config import plan_layers
-    from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, uses_amp
+    from quantize.model import check_finite, compute_dtype, describe_compute, find_blocks, load_model, local_model_path, uses_amp
     from quantize.presets import get_preset
     from quantize.quantizer import quantize_model
     from quantize.resume import resume_dir
@@ -270,6 +270,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         amp=args.amp, fp8_grads=args.fp8_grads, init_clip=args.init_clip, seed=args.seed,
     )
     model_spec = args.model or builtin_model()
+    local_model_path(model_spec)  # a wrong path is refused before anything is printed or loaded
     name = Path(model_spec).stem if Path(model_spec).exists() else model_spec.replace("/", "--")
     run_name = f"auto{auto[1]:g}bits" if auto else scheme.name.replace(' ', '-')
     output_dir = check_output_dir(args.output_dir or f"checkpoints/{name}-{run_name}", args.overwrite)

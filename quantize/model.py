@@ -59,6 +59,18 @@ def describe_compute(device: torch.device, amp: bool) -> str:
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
     """(directory or hub id, gguf file name or None). Local paths are checked here, with a clear error;
     a hub id stays an id for transformers to fetch, unless ModelScope is chosen (quantize.hub)."""
+    local = local_model_path(spec)
+    if local is not None:
+        return local
+    from quantize import hub
+
+    where = hub.resolve(spec, "model")
+    return (spec, None) if where == spec else resolve_model_path(where)
+
+
+def local_model_path(spec: str) -> tuple[str, str | None] | None:
+    """:func:`resolve_model_path` of a local path (a clear error if it holds no model), None for a hub id:
+    the CLI checks this before it prints anything or loads data."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), path.name
@@ -71,10 +83,7 @@ def resolve_model_path(spec: str) -> tuple[str, str | None]:
         raise UserError(f"{path} has neither a config.json nor a .gguf file: point at a Hugging Face model folder")
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec!r} does not exist: check the path, or pass a hub id like 'org/name'")
-    from quantize import hub
-
-    where = hub.resolve(spec, "model")
-    return (spec, None) if where == spec else resolve_model_path(where)
+    return None
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None):

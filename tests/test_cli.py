@@ -98,7 +98,7 @@ def test_bad_input(tiny_llama, odd_models, tmp_path, capsys, case, args, message
         # In a process of its own: HF_HUB_OFFLINE, read when huggingface_hub is imported, makes the
         # no-network case fail at once instead of after the hub client's retries.
         r = run(*argv, env={"HF_HUB_OFFLINE": "1"})
-        code, stderr = r.returncode, r.stderr
+        code, stderr, stdout = r.returncode, r.stderr, r.stdout
     else:
         # In this process (a CLI start costs ~5 s): an unexpected exception fails the test as a traceback would.
         from quantize.cli import main
@@ -107,8 +107,10 @@ def test_bad_input(tiny_llama, odd_models, tmp_path, capsys, case, args, message
             code = main([str(a) for a in argv])
         except SystemExit as e:  # argparse's own errors
             code = e.code
-        stderr = capsys.readouterr().err
+        stdout, stderr = capsys.readouterr()
     assert code == 2, (case, stderr)
+    if case == "missing path":
+        assert stdout == "", stdout  # refused before the run's header
     assert message in stderr, (case, stderr)
     assert "Traceback" not in stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
