@@ -121,7 +121,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None):
     if is_vlm(config):  # only the language model's blocks are quantized (quantize.vlm)
         from transformers import AutoModelForImageTextToText as auto
     try:
-        model = auto.from_pretrained(where, dtype=dtype or "auto", **kwargs)
+        model = auto.from_pretrained(where, config=config, dtype=dtype or "auto", **kwargs)  # read once (a GGUF parse is seconds)
     except ValueError as e:
         raise UserError(f"{config.model_type} is not a causal LM transformers can load: {e}. Supported: {SUPPORTED_FAMILIES}") from e
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
