@@ -167,6 +167,28 @@ def test_fp_layers_shard_like_the_unsharded_layer(name, tp_size):
     torch.testing.assert_close(total, x_inter @ dequantize(scheme, down, torch.float32).T, rtol=1e-4, atol=1e-4)
 
 
+def test_fp_layers_take_the_forced_kernel():
+    """The checkpoint config's ``kernel`` reaches FP layers as it reaches integer ones: a kernel that cannot
+    run the layer here is refused by name, with its reason."""
+    from quantize.scheme import get_scheme
+
+    scheme = get_scheme("NVFP4A16")
+    base = {"quant_method": "auto-round", "bits": 4, "group_size": 16, "sym": True, "data_type": "nv_fp",
+            "packing_format": "auto_round:llm_compressor", "block_name_to_quantize": "model.layers"}
+    down = _fp_layer(scheme, HIDDEN, INTER, seed=7)
+    for kernel, error in (("fp_emulate", None), ("vllm_marlin_fp", "kernel 'vllm_marlin_fp' cannot run this layer")):
+        layer = _build("down", AutoRoundSglangConfig.from_config({**base, "kernel": kernel}), "model.layers.0.mlp.down_proj", 0, 1)
+        for key, value in down.items():
+            param = getattr(layer, key)
+            param.weight_loader(param, value)
+        if error is None:
+            layer.quant_method.process_weights_after_loading(layer)
+            assert layer.quant_kernel.name == kernel
+        else:
+            with pytest.raises(ValueError, match=f"{error}.*needs a CUDA device"):
+                layer.quant_method.process_weights_after_loading(layer)
+
+
 def test_row_shard_that_splits_a_group_is_refused():
     with pytest.raises(ConfigError, match=r"down_proj: 64 inputs are not a whole number of groups of 128 .*tensor-parallel"):
         _build("down", _config(Scheme(4, 128, True)), "model.layers.0.mlp.down_proj", rank=0, size=8)

@@ -28,9 +28,10 @@ class FPLinearMethod:
     engine = ""
     parameter_classes: ModuleType
 
-    def __init__(self, scheme: Scheme, prefix: str):
+    def __init__(self, scheme: Scheme, prefix: str, kernel: str | None = None):
         self.scheme = scheme
         self.prefix = prefix
+        self.kernel = kernel  # the checkpoint config's ``kernel``: forced where it computes FP layers
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
@@ -62,7 +63,7 @@ class FPLinearMethod:
             parts.append({k: (t[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in loaded.items()})
             start += n
         spec = FPLinearSpec(self.scheme, layer.fp_in, sum(layer.fp_parts), layer.params_dtype)
-        layer.quant_kernel = select_kernel(spec, loaded["weight_scale"].device)
+        layer.quant_kernel = select_kernel(spec, loaded["weight_scale"].device, self.kernel)
         state = layer.quant_kernel.prepare(spec, parts)
         for n in layer.fp_tensors:
             delattr(layer, n)

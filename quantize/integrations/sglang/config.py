@@ -59,5 +59,5 @@ class AutoRoundSglangConfig(CheckpointConfigMethods, QuantizationConfig):
         if scheme is None:
             return UnquantizedLinearMethod()
         if not scheme.integer_weight_only:  # MX / NV / FP8 (integrations/fp_linear.py)
-            return AutoRoundFPLinearMethod(scheme, prefix)
+            return AutoRoundFPLinearMethod(scheme, prefix, self.kernel)
         return AutoRoundLinearMethod(scheme, self.checkpoint.layout, prefix, self.kernel)
