@@ -294,4 +294,5 @@ def test_vllm_marlin_fp_agrees_with_the_dequantized_weight(name, dtype, shared):
     with torch.cuda.graph(graph):
         captured = VllmMarlinFPKernel.apply(spec, state, x, bias)
     graph.replay()
-    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    # Marlin may reduce split-K partial sums with atomics for some shapes: the same sums in another order
+    assert ((captured.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
