@@ -27,6 +27,7 @@ QUANT_EXAMPLES = """examples:
   python -m quantize ./model --layer_config '{"mlp.down_proj": {"bits": 8}, "layers.0.": {"bits": 16}}'
   python -m quantize ./model --scheme W4A16G32 --asym --format auto_round,auto_gptq,gguf:q4_k_m
   python -m quantize ./model --schemes W2A16,W4A16 --bits 3              # AutoScheme: mixed, average <= 3 bits
+  python -m quantize ./model --scheme NVFP4 --format llm_compressor,auto_round   # FP4 weights and activations
 
 then serve or load the checkpoint:
   vllm serve ./llama-w4 --quantization auto-round
