@@ -354,13 +354,15 @@ def test_sglang_loads_checkpoints_through_the_entry_point(checkpoints, name):
 
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory):
-    """A tiny Qwen3-MoE (8 experts, top 2) quantized by the CLI: W4 sym (gptq packing) and W3 asym (native)."""
+    """A tiny Qwen3-MoE (8 experts, top 2) quantized by the CLI: W4 sym (gptq packing), W3 asym (native),
+    MXFP4 weights and NVFP4 weights and activations."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_moe import build
 
     root = tmp_path_factory.mktemp("sglang-moe")
     src = build("qwen3_moe", root / "src")
-    runs = {"w4": ["--scheme", "W4A16G32"], "w3-asym": ["--scheme", "W3A16G32", "--asym"]}
+    runs = {"w4": ["--scheme", "W4A16G32"], "w3-asym": ["--scheme", "W3A16G32", "--asym"], "mxfp4": ["--scheme", "MXFP4A16"],
+            "nvfp4": ["--scheme", "NVFP4"]}
     for name, args in runs.items():
         subprocess.run([sys.executable, "-m", "quantize", str(src), *args, "--iters", "0", "--nsamples", "2", "--batch_size", "2",
                         "--seqlen", "32", "--dataset", str(CALIB), "--no-eval", "--quiet", "--output_dir", str(root / name)],
@@ -368,7 +370,7 @@ def moe_checkpoints(tmp_path_factory):
     return {name: root / name for name in runs}
 
 
-@pytest.mark.parametrize("name", ["w4", "w3-asym"])
+@pytest.mark.parametrize("name", ["w4", "w3-asym", "mxfp4", "nvfp4"])
 def test_sglang_serves_moe_experts_through_the_plugin(moe_checkpoints, name):
     """SGLang's FusedMoE layers load the per-expert tensors through SGLang's expert loader into the plugin's
     MoE method (every bit width and layout, where SGLang's own auto-round path takes 4/8-bit sym only), and
@@ -384,7 +386,8 @@ def test_sglang_serves_moe_experts_through_the_plugin(moe_checkpoints, name):
     for layer_name, got in report["moe"].items():
         assert got["method"] == "AutoRoundMoEMethod", layer_name
         experts = modules[layer_name]
-        assert type(experts).__name__ == "UnfusedExperts" and type(experts.expert(0).gate_proj).__name__ == "QuantLinear"
+        linear = "FPQuantLinear" if name.endswith("fp4") else "QuantLinear"
+        assert type(experts).__name__ == "UnfusedExperts" and type(experts.expert(0).gate_proj).__name__ == linear
         with torch.no_grad():
             expected = experts(torch.tensor(got["x"]), torch.tensor(got["ids"]).long(), torch.tensor(got["w"]))
         torch.testing.assert_close(torch.tensor(got["out"]), expected, rtol=1e-4, atol=1e-4, msg=layer_name)

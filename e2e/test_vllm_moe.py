@@ -127,13 +127,27 @@ def test_partly_16bit_experts_are_refused(tmp_path):
         serve_offline(ckpt)
 
 
-def test_fp_experts_are_refused_with_the_way_out(tmp_path):
-    """MX / NVFP4 experts (which transformers loads) are not served by the plugin yet: a clear refusal, not
-    a missing-parameter error from vLLM's loader."""
+@pytest.mark.parametrize("name", ["MXFP4A16", "NVFP4", "MXFP8"])
+def test_vllm_serves_fp_experts_like_transformers(name, tmp_path):
+    """MX / NVFP4 experts (quantize.fp_layout's tensors per expert, gate's and up's scalars in their own
+    slots) through the same per-expert loop, each expert computed by the FP kernel a linear layer gets
+    (the emulation here: weights dequantized once, inputs fake-quantized as the scheme says)."""
     from quantize.scheme import get_scheme
 
-    ckpt = quantize_checkpoint("qwen3_moe", tmp_path / "mx", get_scheme("MXFP4A16"))
-    with pytest.raises(Exception, match=r"experts are MXFP4A16; the vLLM plugin serves integer experts .* --scheme W4A16"):
+    ckpt = quantize_checkpoint("qwen3_moe", tmp_path / name, get_scheme(name))
+    ref = transformers_reference(ckpt)
+    got = serve_offline(ckpt)
+    assert "RoutedExperts:AutoRoundMoEMethod" in got["methods"], got["methods"]
+    for mine, theirs in zip(got["logprobs"], ref["logprobs"]):
+        assert (mine - theirs).abs().max().item() < LOGPROB_TOL
+    assert got["text"] == ref["text"]
+
+
+def test_fp8_experts_are_refused_with_the_way_out(tmp_path):
+    from quantize.scheme import get_scheme
+
+    ckpt = quantize_checkpoint("qwen3_moe", tmp_path / "fp8", get_scheme("FP8_STATIC"))
+    with pytest.raises(Exception, match=r"experts are FP8_STATIC; the vLLM plugin serves integer, MX and NVFP4 experts"):
         serve_offline(ckpt)
 
 

@@ -8,9 +8,16 @@ methods, :func:`expert_parameters` registers ``w13_qweight`` / ``w13_qzeros`` / 
 with one slot per expert in the checkpoint's packing (the output dimension last), which the loaders fill
 unchanged for every layout this project writes (gptq, awq, native) and bits 2/3/4/8.
 
+MX and NVFP4 experts (quantize.fp_layout) get their checkpoint tensors the same way, as compressed-tensors'
+MoE methods register them: ``w13_weight_packed`` / ``w13_weight_scale`` (``quant_method: group``, output
+dimension first) and the per-part scalars ``w13_weight_global_scale`` / ``w13_input_global_scale`` with a
+slot for gate and one for up (``quant_method: tensor``), ``w2_*`` with one.
+
 Compute: after loading, each projection gets the quantize.kernels kernel a linear layer of its shape would
 get, with its working tensors prepared per expert (:func:`prepare_experts`); :func:`experts_forward` runs
-the routed tokens expert by expert (only experts with tokens). The experts stay packed in memory.
+the routed tokens expert by expert (only experts with tokens). Integer experts stay packed in memory; FP
+ones hold what their kernel derives (fp_emulate: the weight dequantized into the activation dtype, the
+input fake-quantized as the scheme says).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import weakref
 
 import torch
 
+from quantize import weight_rules
 from quantize.checkpoint import CheckpointConfig, ConfigError
-from quantize.kernels import LinearSpec, select_kernel
+from quantize.fp_layout import SCALARS, checkpoint_tensors
+from quantize.kernels import FPLinearSpec, LinearSpec, select_kernel
 from quantize.packing import packed_shapes
 from quantize.scheme import Scheme
 
@@ -51,13 +60,18 @@ def experts_scheme(config: CheckpointConfig, prefix: str, num_experts: int, engi
             f"{engine} holds a layer's experts in one tensor: re-quantize them with one scheme"
         )
     scheme = distinct.pop()
-    if not scheme.integer_weight_only:
+    if not scheme.integer_weight_only and not fp_experts(scheme):
         raise ConfigError(
-            f"MoE layer {prefix}: its experts are {scheme.name}; the {engine} plugin serves integer experts "
-            f"(W2A16-W8A16) only, not yet MX / NVFP4 / FP8 ones. Load this checkpoint with transformers "
-            f"(`import quantize`), or quantize the model with an integer scheme (e.g. --scheme W4A16) to serve it with {engine}"
+            f"MoE layer {prefix}: its experts are {scheme.name}; the {engine} plugin serves integer, MX and NVFP4 "
+            f"experts, not yet FP8 ones. Load this checkpoint with transformers (`import quantize`), or quantize "
+            f"the model with another scheme (e.g. --scheme W4A16 or MXFP8) to serve it with {engine}"
         )
     return scheme
+
+
+def fp_experts(scheme: Scheme) -> bool:
+    """Whether experts of ``scheme`` hold the MX / NVFP4 tensors of quantize.fp_layout."""
+    return weight_rules.rule_name(scheme) in ("mx_fp", "nv_fp")
 
 
 def expert_parameters(scheme: Scheme, layout: str, prefix: str, num_experts: int, hidden: int, inter: int,
@@ -67,6 +81,8 @@ def expert_parameters(scheme: Scheme, layout: str, prefix: str, num_experts: int
     if s.group_size != -1 and (hidden % s.group_size or inter % s.group_size):
         raise ConfigError(f"MoE layer {prefix}: group_size {s.group_size} does not divide its inputs "
                           f"(hidden {hidden}, intermediate {inter} per rank): try a smaller tensor-parallel size")
+    if fp_experts(s):
+        return _fp_expert_parameters(s, num_experts, hidden, inter)
     if (inter * s.bits) % 32 or (hidden * s.bits) % 32:
         raise ConfigError(f"MoE layer {prefix}: {inter} intermediate columns x {s.bits} bits do not fill whole 32-bit words")
     if s.group_size == -1 and tp_size > 1:
@@ -80,6 +96,25 @@ def expert_parameters(scheme: Scheme, layout: str, prefix: str, num_experts: int
     return params
 
 
+def _fp_expert_parameters(s: Scheme, num_experts: int, hidden: int, inter: int) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for stem, k, n, parts in (("w13", hidden, 2 * inter, 2), ("w2", inter, hidden, 1)):
+        for t, (shape, dtype) in checkpoint_tensors(s, k, n).items():
+            # a scalar per fused part: the engines' loaders put gate's in slot 0 and up's in slot 1
+            full = ((num_experts, 2) if parts == 2 else (num_experts,)) if t in SCALARS else (num_experts, *shape)
+            params[f"{stem}_{t}"] = torch.nn.Parameter(torch.empty(full, dtype=dtype), requires_grad=False)
+    return params
+
+
+def _fp_parts(tensors: dict[str, torch.Tensor], e: int, inter: int, parts: int) -> list[dict[str, torch.Tensor]]:
+    """Expert ``e``'s tensors of one projection as kernel parts (gate and up for ``w13``), scalars ``[1]``."""
+    out = []
+    for i in range(parts):
+        rows = slice(i * inter, (i + 1) * inter) if parts == 2 else slice(None)
+        out.append({t: (v[e].reshape(-1)[i : i + 1] if t in SCALARS else v[e][rows]) for t, v in tensors.items()})
+    return out
+
+
 def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int, dtype: torch.dtype,
                     kernel: str | None = None) -> None:
     """One quantize.kernels kernel per projection, its working tensors per expert (prepared once), as
@@ -89,6 +124,16 @@ def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int,
     layer.moe_op_key = f"moe@{id(layer)}"  # how the custom op in experts_forward finds this layer
     _LAYERS[layer.moe_op_key] = layer
     for stem, (k, n) in {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}.items():
+        if fp_experts(scheme):
+            spec = FPLinearSpec(scheme, k, n, dtype)
+            tensors = {t: getattr(layer, f"{stem}_{t}").data for t in checkpoint_tensors(scheme, k, n)}
+            chosen = select_kernel(spec, tensors["weight_scale"].device, kernel)
+            parts = 2 if stem == "w13" else 1
+            states = [chosen.prepare(spec, _fp_parts(tensors, e, inter, parts)) for e in range(len(tensors["weight_scale"]))]
+            for t in tensors:  # the kernel keeps what it derived
+                delattr(layer, f"{stem}_{t}")
+            layer.moe_kernels[stem] = (chosen, spec, states)
+            continue
         spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n, dtype)
         packed = {t: getattr(layer, f"{stem}_{t}").data for t in TENSORS}
         chosen = select_kernel(spec, packed["qweight"].device, kernel)
@@ -117,13 +162,15 @@ class PackedMoEMethod:
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
-        # "group" is both engines' FusedMoeWeightScaleSupported.GROUP: scales and zeros cut like the weights.
-        attrs = {**extra_weight_attrs, "quant_method": "group", "is_transposed": True}
+        # "group" is both engines' FusedMoeWeightScaleSupported.GROUP: scales and zeros cut like the weights;
+        # "tensor": one scalar per expert and part. Packed integer tensors lie input dimension first.
+        group = {**extra_weight_attrs, "quant_method": "group", "is_transposed": not fp_experts(self.scheme)}
+        scalar = {**extra_weight_attrs, "quant_method": "tensor"}
         params = expert_parameters(self.scheme, self.layout, self.prefix, num_experts, hidden_size,
                                    intermediate_size_per_partition, self.tp_size(layer))
         for name, p in params.items():
             layer.register_parameter(name, p)
-            self.set_weight_attrs(p, attrs)
+            self.set_weight_attrs(p, scalar if name.split("_", 1)[1] in SCALARS else group)
         layer.moe_shape = (hidden_size, intermediate_size_per_partition, params_dtype)
 
     def process_weights_after_loading(self, layer) -> None:
