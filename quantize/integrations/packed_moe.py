@@ -115,6 +115,18 @@ def _fp_parts(tensors: dict[str, torch.Tensor], e: int, inter: int, parts: int) 
     return out
 
 
+def _prepare_fp(layer, stem: str, spec: FPLinearSpec, inter: int, kernel: str | None) -> tuple:
+    """One FP projection's kernel and its per-expert states; the checkpoint tensors are dropped after (the
+    kernel keeps what it derived, as an FP linear layer does)."""
+    tensors = {t: getattr(layer, f"{stem}_{t}").data for t in checkpoint_tensors(spec.scheme, spec.in_features, spec.out_features)}
+    chosen = select_kernel(spec, tensors["weight_scale"].device, kernel)
+    parts = 2 if stem == "w13" else 1
+    states = [chosen.prepare(spec, _fp_parts(tensors, e, inter, parts)) for e in range(len(tensors["weight_scale"]))]
+    for t in tensors:
+        delattr(layer, f"{stem}_{t}")
+    return chosen, spec, states
+
+
 def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int, dtype: torch.dtype,
                     kernel: str | None = None) -> None:
     """One quantize.kernels kernel per projection, its working tensors per expert (prepared once), as
@@ -125,14 +137,7 @@ def prepare_experts(layer, scheme: Scheme, layout: str, hidden: int, inter: int,
     _LAYERS[layer.moe_op_key] = layer
     for stem, (k, n) in {"w13": (hidden, 2 * inter), "w2": (inter, hidden)}.items():
         if fp_experts(scheme):
-            spec = FPLinearSpec(scheme, k, n, dtype)
-            tensors = {t: getattr(layer, f"{stem}_{t}").data for t in checkpoint_tensors(scheme, k, n)}
-            chosen = select_kernel(spec, tensors["weight_scale"].device, kernel)
-            parts = 2 if stem == "w13" else 1
-            states = [chosen.prepare(spec, _fp_parts(tensors, e, inter, parts)) for e in range(len(tensors["weight_scale"]))]
-            for t in tensors:  # the kernel keeps what it derived
-                delattr(layer, f"{stem}_{t}")
-            layer.moe_kernels[stem] = (chosen, spec, states)
+            layer.moe_kernels[stem] = _prepare_fp(layer, stem, FPLinearSpec(scheme, k, n, dtype), inter, kernel)
             continue
         spec = LinearSpec(scheme.bits, scheme.group_size, scheme.sym, layout, k, n, dtype)
         packed = {t: getattr(layer, f"{stem}_{t}").data for t in TENSORS}
