@@ -61,6 +61,16 @@ def input_quantizer(scheme: Scheme, tensors: dict[str, torch.Tensor]):
     return act_quant.quantizer(scheme, {k: tensors[k].float() for k in SCALARS if k in tensors})
 
 
+def split_parts(tensors: dict[str, torch.Tensor], rows: list[int]) -> list[dict[str, torch.Tensor]]:
+    """An engine's fused layer (q/k/v, gate/up) as the checkpoint's layers it merges: each part's rows of
+    the 2-D tensors and its own slot of every per-part scalar (one slot per part, in order)."""
+    parts, start = [], 0
+    for i, n in enumerate(rows):
+        parts.append({k: (t.reshape(-1)[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in tensors.items()})
+        start += n
+    return parts
+
+
 def fused_input_scalars(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The input scalars of an engine's fused layer (q/k/v, gate/up), one float32 value each: its parts read
     the same input, so it takes the widest range any part calibrated (the largest FP8 ``input_scale``, the

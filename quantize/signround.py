@@ -428,6 +428,8 @@ def sample_batches(nsamples: int, size: int, generator: torch.Generator):
     """Batches of ``size`` sample indices, walking through a shuffled order of all ``nsamples`` and
     reshuffling when fewer than ``size`` remain (the tail is dropped), as AutoRound samples: every sample
     is seen once per pass, where drawing each batch afresh leaves some out for many steps."""
+    if size > nsamples:  # no batch could ever be drawn (TuneConfig refuses this; guard against a silent hang)
+        raise ValueError(f"a batch of {size} samples cannot be drawn from {nsamples}")
     while True:
         order = torch.randperm(nsamples, generator=generator)
         yield from order[: nsamples - nsamples % size].split(size)

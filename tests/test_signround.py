@@ -249,3 +249,5 @@ def test_batches_walk_every_sample_once_per_pass():
     assert not all(torch.equal(passes[0][0], p[0]) for p in passes[1:])  # reshuffled between passes
     again = sample_batches(10, 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(next(again), b) for pair in passes for b in pair)  # the seed decides every batch
+    with pytest.raises(ValueError, match="a batch of 8 samples cannot be drawn from 4"):
+        next(sample_batches(4, 8, torch.Generator()))

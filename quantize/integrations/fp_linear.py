@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from quantize.checkpoint import ConfigError
-from quantize.fp_layout import SCALARS, checkpoint_tensors
+from quantize.fp_layout import SCALARS, checkpoint_tensors, split_parts
 from quantize.kernels import FPLinearSpec, kernel_state, select_kernel
 from quantize.scheme import Scheme
 
@@ -58,10 +58,7 @@ class FPLinearMethod:
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Hand each fused part's tensors (its own scalars) to the layer's kernel; keep only what it derives."""
         loaded = {n: getattr(layer, n).data for n in layer.fp_tensors}
-        parts, start = [], 0
-        for i, n in enumerate(layer.fp_parts):
-            parts.append({k: (t[i : i + 1] if k in SCALARS else t[start : start + n]) for k, t in loaded.items()})
-            start += n
+        parts = split_parts(loaded, layer.fp_parts)
         spec = FPLinearSpec(self.scheme, layer.fp_in, sum(layer.fp_parts), layer.params_dtype)
         layer.quant_kernel = select_kernel(spec, loaded["weight_scale"].device, self.kernel)
         state = layer.quant_kernel.prepare(spec, parts)

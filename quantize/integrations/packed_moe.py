@@ -28,7 +28,7 @@ import torch
 
 from quantize import weight_rules
 from quantize.checkpoint import CheckpointConfig, ConfigError
-from quantize.fp_layout import SCALARS, checkpoint_tensors
+from quantize.fp_layout import SCALARS, checkpoint_tensors, split_parts
 from quantize.kernels import FPLinearSpec, LinearSpec, select_kernel
 from quantize.packing import packed_shapes
 from quantize.scheme import Scheme
@@ -106,22 +106,14 @@ def _fp_expert_parameters(s: Scheme, num_experts: int, hidden: int, inter: int) 
     return params
 
 
-def _fp_parts(tensors: dict[str, torch.Tensor], e: int, inter: int, parts: int) -> list[dict[str, torch.Tensor]]:
-    """Expert ``e``'s tensors of one projection as kernel parts (gate and up for ``w13``), scalars ``[1]``."""
-    out = []
-    for i in range(parts):
-        rows = slice(i * inter, (i + 1) * inter) if parts == 2 else slice(None)
-        out.append({t: (v[e].reshape(-1)[i : i + 1] if t in SCALARS else v[e][rows]) for t, v in tensors.items()})
-    return out
-
-
 def _prepare_fp(layer, stem: str, spec: FPLinearSpec, inter: int, kernel: str | None) -> tuple:
     """One FP projection's kernel and its per-expert states; the checkpoint tensors are dropped after (the
     kernel keeps what it derived, as an FP linear layer does)."""
     tensors = {t: getattr(layer, f"{stem}_{t}").data for t in checkpoint_tensors(spec.scheme, spec.in_features, spec.out_features)}
     chosen = select_kernel(spec, tensors["weight_scale"].device, kernel)
-    parts = 2 if stem == "w13" else 1
-    states = [chosen.prepare(spec, _fp_parts(tensors, e, inter, parts)) for e in range(len(tensors["weight_scale"]))]
+    rows = [inter, inter] if stem == "w13" else [spec.out_features]  # gate and up, or down alone
+    states = [chosen.prepare(spec, split_parts({t: v[e] for t, v in tensors.items()}, rows))
+              for e in range(len(tensors["weight_scale"]))]
     for t in tensors:
         delattr(layer, f"{stem}_{t}")
     return chosen, spec, states
