@@ -181,7 +181,7 @@ def sweep(args, dev) -> None:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 
-KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin", "humming")
+KERNEL_CHOICES = ("triton", "tinygemm", "tinygemm-op", "torch", "marlin", "humming", "cuda_gemv")
 
 
 def vllm_single_rank(device) -> None:

@@ -540,6 +540,12 @@ def main() -> None:
         info["vllm"] = vllm.__version__
     except ImportError:
         sys.exit("vLLM is not importable: see ../shared/gpu-vllm/README.md")
+    from importlib.metadata import entry_points
+
+    if any("plugin" in r for r in rows) and "quantize_llm" not in {e.name for e in entry_points(group="vllm.general_plugins")}:
+        # without it vLLM routes the checkpoints to its own "inc" method, which refuses MX / NV / FP8 layers
+        sys.exit("the plugin rows need the plugin's entry point, which vLLM finds only in an installed package: "
+                 "run `python3 -m pip install --no-deps --no-build-isolation -e .` first")
     if args.reference and "greedy" not in info and (args.deadline is None or time.time() - START < args.deadline):
         info["greedy"] = greedy_check(Path(args.reference), work, args.reference_scheme)
         print("greedy text equal (plugin vs transformers):", {k: v["equal"] for k, v in info["greedy"].items() if isinstance(v, dict)}, flush=True)

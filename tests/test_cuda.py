@@ -296,3 +296,55 @@ def test_vllm_marlin_fp_agrees_with_the_dequantized_weight(name, dtype, shared):
     graph.replay()
     # Marlin may reduce split-K partial sums with atomics for some shapes: the same sums in another order
     assert ((captured.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("sym, layout", [(True, "gptq"), (False, "auto_round"), (False, "awq")])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gemv_rounds_the_exact_product_once(sym, layout, group_size, dtype):
+    from quantize.kernels import cuda_gemv
+    from quantize.kernels.cuda_gemv import CudaGemvKernel
+
+    n, k = 1030, 2048  # N not a multiple of the rows a block owns
+    spec, p, (q, s, z) = random_4bit_layer(group_size, sym, layout, n, k)
+    spec = LinearSpec(4, group_size, sym, layout, k, n, dtype)
+    assert CudaGemvKernel.unsupported(spec, torch.device("cuda")) is None
+    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
+    state.update(CudaGemvKernel.prepare(spec, *state.values()))
+    w = dequantize(q, s, z).cuda().double()
+    bias = torch.randn(n, device="cuda").to(dtype)
+    for m in (1, 2, 3, 4, cuda_gemv.MAX_M + 1, 40):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = CudaGemvKernel.apply(spec, state, x, bias if m == 2 else None)
+        ref = x.double() @ w.t() + (bias.double() if m == 2 else 0)
+        assert y.shape == (m, n) and y.dtype == dtype
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        if m <= cuda_gemv.MAX_M:
+            # float32 sums, one rounding to the output dtype: no further from the exact product than that rounding
+            floor = ((ref.to(dtype).double() - ref).norm() / ref.norm()).item()
+            assert rel <= floor * 1.05 + 1e-5, (m, rel, floor)
+        else:
+            assert rel < 1e-2, (m, rel)
+
+
+def test_cuda_gemv_cuda_graph_and_3d_input():
+    from quantize.kernels.cuda_gemv import CudaGemvKernel
+
+    spec, p, _ = random_4bit_layer(128, True, "gptq", 4096, 4096)
+    spec = LinearSpec(4, 128, True, "gptq", 4096, 4096, torch.bfloat16)
+    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
+    state.update(CudaGemvKernel.prepare(spec, *state.values()))
+    x = torch.randn(1, 2, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = CudaGemvKernel.apply(spec, state, x, None)
+    assert eager.shape == (1, 2, 4096)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        CudaGemvKernel.apply(spec, state, x, None)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = CudaGemvKernel.apply(spec, state, x, None)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)  # no atomics: the same sums in the same order

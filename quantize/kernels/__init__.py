@@ -3,6 +3,7 @@ implementations, each taking packed checkpoint tensors and computing ``x @ W.T +
 
 from quantize.kernels import (
     cpu_lowbit,  # noqa: F401  (a compiled CPU kernel for 2/3/4/8-bit layers of float32 models)
+    cuda_gemv,  # noqa: F401  (a compiled CUDA GEMV for 4-bit layers at decode sizes)
     fp8_scaled_mm,  # noqa: F401  (FP8_STATIC layers on FP8 tensor cores, CUDA sm89+)
     fp_emulate,  # noqa: F401  (the portable path for FP / activation-quantized layers)
     humming,  # noqa: F401  (humming-kernels' GEMMs on CUDA, where installed: 2/3/4/8-bit, sym and asym)
