@@ -41,7 +41,7 @@ DEEPSEEK = "FP8_BLOCK_fp8"
 # FP schemes in the auto_round layout, served by the plugin (quantize.kernels: FP8_STATIC on FP8 tensor cores,
 # MXFP4 / NVFP4 / MXFP8 on vLLM's Marlin); checkpoint name -> scheme
 AR_ROWS = {f"{s}_ar": s for s in ("FP8_STATIC", "MXFP4", "NVFP4", "MXFP8")}
-FORCED = ("triton", "tinygemm", "humming")
+FORCED = ("triton", "tinygemm", "humming", "cuda_gemv")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
 ROWS = {
     "bf16": ("bf16", None, False),
@@ -50,6 +50,7 @@ ROWS = {
     "W4A16 plugin (Triton)": ("W4A16-triton", None, False),
     "W4A16 plugin (tinygemm)": ("W4A16-tinygemm", None, False),
     "W4A16 plugin (humming)": ("W4A16-humming", None, False),
+    "W4A16 plugin (cuda_gemv)": ("W4A16-cuda_gemv", None, False),
     "W3A16 plugin": ("W3A16", None, False),
     "W2A16 plugin": ("W2A16", None, False),
     # MoE experts through our own kernels, one expert at a time: its host-side routing loop cannot be captured

@@ -348,3 +348,18 @@ def test_cuda_gemv_cuda_graph_and_3d_input():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)  # no atomics: the same sums in the same order
+
+
+def test_cuda_gemv_compiled_once_for_every_m():
+    from quantize.kernels.cuda_gemv import CudaGemvKernel
+
+    spec, p, (q, s, z) = random_4bit_layer(128, False, "auto_round", 512, 1024)
+    spec = LinearSpec(4, 128, False, "auto_round", 1024, 512, torch.bfloat16)
+    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
+    state.update(CudaGemvKernel.prepare(spec, *state.values()))
+    w = dequantize(q, s, z).cuda().float()
+    f = torch.compile(lambda x: CudaGemvKernel.apply(spec, state, x, None), dynamic=True, fullgraph=True)
+    for m in (2, 3, 9, 40):  # both sides of MAX_M through one trace
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.t()
+        assert ((f(x).float() - ref).norm() / ref.norm()) < 1e-2, m

@@ -281,10 +281,34 @@ def fallback(spec: LinearSpec, device: torch.device) -> type:
     return KERNELS["tinygemm"] if KERNELS["tinygemm"].unsupported(spec, device) is None else KERNELS["triton"]
 
 
-def _by_m(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def mm_by_m(x: torch.Tensor, words: torch.Tensor, gemv_scales: torch.Tensor, gemv_zeros: torch.Tensor | None,
+            qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, tg_weight: torch.Tensor | None,
+            tg_sz: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """2-D ``x @ W.T``: the GEMV up to MAX_M rows; above, tinygemm's choice (bf16, where it takes the layer)
+    or Triton, from the fallback's tensors."""
     if x.shape[0] <= MAX_M:
-        return gemv(x, state["gemv_words"], state["gemv_scales"], state.get("gemv_zeros"), spec.group_size)
-    return fallback(spec, x.device).apply(spec, state, x, None)
+        return gemv(x, words, gemv_scales, gemv_zeros, group_size)
+    if tg_weight is not None and x.dtype == torch.bfloat16:
+        from quantize.kernels import tinygemm
+
+        return tinygemm.mm_by_m(x, tg_weight, tg_sz, qweight, scales, zeros, group_size)
+    from quantize.kernels.triton_gemm import wq_matmul
+
+    return wq_matmul(x, qweight, scales, zeros, 4, group_size)
+
+
+@torch.library.custom_op("quantize::w4_gemv_by_m", mutates_args=())
+def w4_gemv_by_m(x: torch.Tensor, words: torch.Tensor, gemv_scales: torch.Tensor, gemv_zeros: torch.Tensor | None,
+                 qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, tg_weight: torch.Tensor | None,
+                 tg_sz: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """:func:`mm_by_m` as an opaque operator, so that torch.compile (and vLLM, which compiles once for
+    every batch size) chooses by M at each call, not once when it traces."""
+    return mm_by_m(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, group_size)
+
+
+@w4_gemv_by_m.register_fake
+def _(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, group_size):
+    return x.new_empty(x.shape[0], words.shape[0])
 
 
 @register_kernel("cuda_gemv")
@@ -321,7 +345,9 @@ class CudaGemvKernel:
     def apply(spec: LinearSpec, state: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = _by_m(spec, state, x2)
+        matmul = w4_gemv_by_m if torch.compiler.is_compiling() else mm_by_m  # eager: no op dispatch cost
+        y = matmul(x2, state["gemv_words"], state["gemv_scales"], state.get("gemv_zeros"), state["qweight"], state["scales"],
+                   state["zeros"], state.get("tg_weight"), state.get("tg_sz"), spec.group_size)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], spec.out_features)
