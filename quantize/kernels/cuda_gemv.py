@@ -205,7 +205,8 @@ BINDING_SOURCE = r"""
 torch::Tensor w4_gemv(torch::Tensor x, torch::Tensor words, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                       c10::optional<torch::Tensor> bias, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4, "x must be [M, K] with 1 <= M <= 4");
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "x must be a contiguous CUDA tensor");
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x must be a contiguous, 16-byte aligned CUDA tensor");
   TORCH_CHECK(words.scalar_type() == at::kInt && words.is_contiguous(), "codes must be contiguous int32 [N, K/8]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales must be contiguous float16 [N, G]");
   const int M = x.size(0), K = x.size(1), N = words.size(0), G = scales.size(1);
@@ -273,7 +274,10 @@ def _module():
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          group_size: int) -> torch.Tensor:
     """``x @ W.T`` for 2-D 16-bit ``x`` of at most ``MAX_M`` rows."""
-    return _module().w4_gemv(x.contiguous(), words, scales, zeros, None, group_size)
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: the kernel reads activations 16 bytes at a time
+        x = x.clone()
+    return _module().w4_gemv(x, words, scales, zeros, None, group_size)
 
 
 def fallback(spec: LinearSpec, device: torch.device) -> type:
