@@ -18,7 +18,7 @@ Layout (made once by :func:`prepare`): codes as int32 ``[N, K/8]`` (code ``k`` i
 project's own bit packing), float16 scales and zeros ``[N, G]`` (zeros only for asym layers). Group sizes
 that are multiples of 32 (or one group per row); K a multiple of 32; bf16 or fp16 activations.
 Calls of more than ``MAX_M`` rows go to the kernel that ``fallback`` names (tinygemm or Triton), whose
-tensors ``prepare`` also makes. No allocation but the output, no host synchronisation: CUDA-graph safe;
+tensors ``prepare`` also makes (as do all calls where the build failed: logged once). No allocation but the output, no host synchronisation: CUDA-graph safe;
 under torch.compile the M choice sits inside the ``quantize::w4_gemv_by_m`` op.
 """
 
@@ -280,6 +280,11 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torc
     return _module().w4_gemv(x, words, scales, zeros, None, group_size)
 
 
+def built() -> bool:
+    """Whether the extension is (or can now be) built; a failed build was logged once."""
+    return not isinstance(_module(), str)
+
+
 def fallback(spec: LinearSpec, device: torch.device) -> type:
     """The kernel for calls of more than MAX_M rows: tinygemm where it takes the layer, else Triton."""
     return KERNELS["tinygemm"] if KERNELS["tinygemm"].unsupported(spec, device) is None else KERNELS["triton"]
@@ -290,7 +295,7 @@ def mm_by_m(x: torch.Tensor, words: torch.Tensor, gemv_scales: torch.Tensor, gem
             tg_sz: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """2-D ``x @ W.T``: the GEMV up to MAX_M rows; above, tinygemm's choice (bf16, where it takes the layer)
     or Triton, from the fallback's tensors."""
-    if x.shape[0] <= MAX_M:
+    if x.shape[0] <= MAX_M and built():
         return gemv(x, words, gemv_scales, gemv_zeros, group_size)
     if tg_weight is not None and x.dtype == torch.bfloat16:
         from quantize.kernels import tinygemm
