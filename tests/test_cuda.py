@@ -257,6 +257,26 @@ def _fp_parts(scheme, rows, k, dev, shared):
     return parts
 
 
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
+def test_vllm_own_marlin_fp4_runs_in_this_process(kind):
+    # The control for the test below (whose first H200 run faulted): vLLM's own random FP4 layer through
+    # the same two functions, no tensor of ours involved.
+    pytest.importorskip("vllm._custom_ops")
+    from vllm.model_executor.layers.quantization.utils import marlin_utils, marlin_utils_fp4
+
+    dev = torch.device("cuda")
+    w = torch.randn(1536, 2048, device=dev, dtype=torch.bfloat16)
+    if kind == "nvfp4":
+        ref, qweight, scales, global_scale = marlin_utils_fp4.rand_marlin_weight_nvfp4_like(w, 16)
+    else:
+        (ref, qweight, scales), global_scale = marlin_utils_fp4.rand_marlin_weight_mxfp4_like(w, 32), None
+    x = torch.randn(1, 2048, device=dev, dtype=torch.bfloat16)
+    out = marlin_utils_fp4.apply_fp4_marlin_linear(input=x, weight=qweight, weight_scale=scales, weight_global_scale=global_scale,
+                                                   workspace=marlin_utils.marlin_make_workspace_new(dev), size_n=1536, size_k=2048)
+    want = x.float() @ ref.float()
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("name", ["NVFP4A16", "MXFP4A16", "MXFP8A16", "NVFP4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [True, False])
