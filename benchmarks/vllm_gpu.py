@@ -10,7 +10,7 @@ transformers integration (--reference). The FP rows (``MXFP4 llm_compressor``, `
 ``INT8 ...``; issue 14) are our llm_compressor exports served by vLLM's own compressed-tensors method, and
 ``--fp-reference`` checks them on a real model against transformers' emulation; the ``... plugin`` FP rows
 (``FP8_STATIC``, ``MXFP4``, ``NVFP4``, ``MXFP8``) are the same schemes in the auto_round layout, served by the
-plugin (FP8 tensor cores; vLLM's Marlin for the FP4 and MXFP8 weights). Prints a table and writes JSON.
+plugin (FP8 tensor cores; the emulation for the FP4 and MXFP8 weights, vLLM's Marlin where forced). Prints a table and writes JSON.
 
   python benchmarks/vllm_gpu.py --work /tmp/vb --tokenizer .gpu/model --reference .gpu/model --json out.json
   python benchmarks/vllm_gpu.py --rows "bf16,MXFP4 llm_compressor,NVFP4 llm_compressor,FP8_BLOCK llm_compressor,INT8 llm_compressor" --fp-reference .gpu/model
@@ -39,7 +39,7 @@ FP_SCHEMES = ("MXFP4", "NVFP4", "FP8_BLOCK", "INT8")
 # FP8_BLOCK in the DeepSeek layout (--format fp8: quant_method fp8), served by vLLM's own Fp8LinearMethod
 DEEPSEEK = "FP8_BLOCK_fp8"
 # FP schemes in the auto_round layout, served by the plugin (quantize.kernels: FP8_STATIC on FP8 tensor cores,
-# MXFP4 / NVFP4 / MXFP8 on vLLM's Marlin); checkpoint name -> scheme
+# MXFP4 / NVFP4 / MXFP8 on the emulation; vLLM's Marlin for them is forced by name only); checkpoint name -> scheme
 AR_ROWS = {f"{s}_ar": s for s in ("FP8_STATIC", "MXFP4", "NVFP4", "MXFP8")}
 FORCED = ("triton", "tinygemm", "humming", "cuda_gemv")
 # row name -> (checkpoint, vLLM quantization argument, eager: no CUDA graphs)
