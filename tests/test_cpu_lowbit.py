@@ -54,7 +54,7 @@ def test_dispatch_takes_it_for_float32_models_only():
 
 def test_without_a_toolchain_or_a_build_the_portable_path_computes(monkeypatch):
     spec = LinearSpec(4, 128, True, "gptq", 256, 64, torch.float32)
-    monkeypatch.setattr(cpu_lowbit, "_toolchain_missing", lambda: "needs ninja to build its C++ extension (pip install ninja)")
+    monkeypatch.setattr(cpu_lowbit, "toolchain_missing", lambda: "needs ninja to build its C++ extension (pip install ninja)")
     assert "pip install ninja" in KERNELS["cpu_lowbit"].unsupported(spec, CPU)
     assert select_kernel(spec, CPU).name == "torch"
     # a toolchain that fails to build: the calls fall back, same results

@@ -35,11 +35,11 @@ def _run(name: str, spec, ckpt, x, bias=None):
 
 
 def test_float32_layers_do_not_take_the_op():
-    from quantize.kernels.cpu_lowbit import _toolchain_missing
+    from quantize.kernels.cpu_lowbit import toolchain_missing
 
     spec, _ = _layer(True, "gptq", torch.float32)
     # our compiled CPU kernel for float32 models (kernels/cpu_lowbit.py) where it can build, else the portable path
-    assert select_kernel(spec, CPU).name == ("torch" if _toolchain_missing() else "cpu_lowbit")
+    assert select_kernel(spec, CPU).name == ("torch" if toolchain_missing() else "cpu_lowbit")
     assert "bfloat16/float16" in KERNELS["vllm_cpu"].unsupported(spec, CPU) or not HAS_OP
     unknown = LinearSpec(4, 32, True, "gptq", 256, 96)  # dtype not known: not picked either
     assert select_kernel(unknown, CPU).name == "torch"

@@ -129,7 +129,7 @@ torch::Tensor lowbit_mm(torch::Tensor x, torch::Tensor q, torch::Tensor scales, 
 
 
 @functools.cache
-def _toolchain_missing() -> str | None:
+def toolchain_missing() -> str | None:
     """What building the extension lacks (checked without building: a model loads without waiting)."""
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -169,7 +169,7 @@ class CpuLowbitKernel:
             return "CPU only"
         if spec.act_dtype != torch.float32:
             return f"takes float32 activations (16-bit models have tinygemm_cpu), not {spec.act_dtype}"
-        return _toolchain_missing()
+        return toolchain_missing()
 
     @staticmethod
     def prepare(spec: LinearSpec, qweight, qzeros, scales) -> dict[str, torch.Tensor]:

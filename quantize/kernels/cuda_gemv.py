@@ -30,6 +30,7 @@ import shutil
 
 import torch
 
+from quantize.kernels.cpu_lowbit import toolchain_missing
 from quantize.kernels.dispatch import KERNELS, LinearSpec, register_kernel
 from quantize.packing import PackedLinear, pack_bits, unpack
 
@@ -244,15 +245,14 @@ DECLARATION = ("torch::Tensor w4_gemv(torch::Tensor x, torch::Tensor words, torc
 
 
 def _toolchain_missing() -> str | None:
+    """What building the extension lacks (checked without building): cpu_lowbit's C++ needs, and nvcc."""
     from torch.utils import cpp_extension
 
     if not torch.version.cuda:
         return "this torch has no CUDA"
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
-        return "no CUDA compiler (nvcc) on this machine"
-    if shutil.which("ninja") is None:
-        return "ninja is not installed"
-    return None
+        return "needs a CUDA compiler (nvcc) to build its CUDA extension"
+    return toolchain_missing()
 
 
 @functools.cache
@@ -272,12 +272,14 @@ def _module():
 
 
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-         group_size: int) -> torch.Tensor:
-    """``x @ W.T`` for 2-D 16-bit ``x`` of at most ``MAX_M`` rows."""
+         bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """``x @ W.T + bias`` for 2-D 16-bit ``x`` of at most ``MAX_M`` rows (the bias added to the float32 sums
+    inside the kernel: no second launch)."""
     x = x.contiguous()
     if x.data_ptr() % 16:  # a view at an odd offset: the kernel reads activations 16 bytes at a time
         x = x.clone()
-    return _module().w4_gemv(x, words, scales, zeros, None, group_size)
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    return _module().w4_gemv(x, words, scales, zeros, bias, group_size)
 
 
 def built() -> bool:
@@ -292,31 +294,33 @@ def fallback(spec: LinearSpec, device: torch.device) -> type:
 
 def mm_by_m(x: torch.Tensor, words: torch.Tensor, gemv_scales: torch.Tensor, gemv_zeros: torch.Tensor | None,
             qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, tg_weight: torch.Tensor | None,
-            tg_sz: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """2-D ``x @ W.T``: the GEMV up to MAX_M rows; above, tinygemm's choice (bf16, where it takes the layer)
-    or Triton, from the fallback's tensors."""
+            tg_sz: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """2-D ``x @ W.T + bias``: the GEMV up to MAX_M rows; above, tinygemm's choice (bf16, where it takes the
+    layer) or Triton, from the fallback's tensors."""
     if x.shape[0] <= MAX_M and built():
-        return gemv(x, words, gemv_scales, gemv_zeros, group_size)
+        return gemv(x, words, gemv_scales, gemv_zeros, bias, group_size)
     if tg_weight is not None and x.dtype == torch.bfloat16:
         from quantize.kernels import tinygemm
 
-        return tinygemm.mm_by_m(x, tg_weight, tg_sz, qweight, scales, zeros, group_size)
-    from quantize.kernels.triton_gemm import wq_matmul
+        y = tinygemm.mm_by_m(x, tg_weight, tg_sz, qweight, scales, zeros, group_size)
+    else:
+        from quantize.kernels.triton_gemm import wq_matmul
 
-    return wq_matmul(x, qweight, scales, zeros, 4, group_size)
+        y = wq_matmul(x, qweight, scales, zeros, 4, group_size)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 @torch.library.custom_op("quantize::w4_gemv_by_m", mutates_args=())
 def w4_gemv_by_m(x: torch.Tensor, words: torch.Tensor, gemv_scales: torch.Tensor, gemv_zeros: torch.Tensor | None,
                  qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, tg_weight: torch.Tensor | None,
-                 tg_sz: torch.Tensor | None, group_size: int) -> torch.Tensor:
+                 tg_sz: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """:func:`mm_by_m` as an opaque operator, so that torch.compile (and vLLM, which compiles once for
     every batch size) chooses by M at each call, not once when it traces."""
-    return mm_by_m(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, group_size)
+    return mm_by_m(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, bias, group_size)
 
 
 @w4_gemv_by_m.register_fake
-def _(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, group_size):
+def _(x, words, gemv_scales, gemv_zeros, qweight, scales, zeros, tg_weight, tg_sz, bias, group_size):
     return x.new_empty(x.shape[0], words.shape[0])
 
 
@@ -356,7 +360,5 @@ class CudaGemvKernel:
         x2 = x.reshape(-1, shape[-1])
         matmul = w4_gemv_by_m if torch.compiler.is_compiling() else mm_by_m  # eager: no op dispatch cost
         y = matmul(x2, state["gemv_words"], state["gemv_scales"], state.get("gemv_zeros"), state["qweight"], state["scales"],
-                   state["zeros"], state.get("tg_weight"), state.get("tg_sz"), spec.group_size)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+                   state["zeros"], state.get("tg_weight"), state.get("tg_sz"), bias, spec.group_size)
         return y.reshape(*shape[:-1], spec.out_features)
