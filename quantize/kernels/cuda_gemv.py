@@ -18,8 +18,9 @@ Layout (made once by :func:`prepare`): codes as int32 ``[N, K/8]`` (code ``k`` i
 project's own bit packing), float16 scales and zeros ``[N, G]`` (zeros only for asym layers). Group sizes
 that are multiples of 32 (or one group per row); K a multiple of 32; bf16 or fp16 activations.
 Calls of more than ``MAX_M`` rows go to the kernel that ``fallback`` names (tinygemm or Triton), whose
-tensors ``prepare`` also makes (as do all calls where the build failed: logged once). No allocation but the output, no host synchronisation: CUDA-graph safe;
-under torch.compile the M choice sits inside the ``quantize::w4_gemv_by_m`` op.
+tensors ``prepare`` also makes (as do all calls where the build failed: logged once). No allocation but
+the output, no host synchronisation: CUDA-graph safe; under torch.compile the M choice sits inside the
+``quantize::w4_gemv_by_m`` op.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def _module():
                                          functions=["w4_gemv"], extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:  # a broken toolchain: the fallback computes instead
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        log.warning("cuda_gemv kernel not built (%s); 4-bit layers keep %s", reason, "tinygemm / Triton")
+        log.warning("cuda_gemv kernel not built (%s); 4-bit layers keep tinygemm / Triton", reason)
         return f"could not build its CUDA extension: {reason}"
 
 
