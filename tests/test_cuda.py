@@ -2,6 +2,7 @@
 generates the same greedy text as the CPU path, and compiles; torch's tinygemm op against the reference.
 Skipped without CUDA (CI); run on the GPU machine."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -69,10 +70,12 @@ def test_device_map_auto_and_compile(w4_checkpoint):
     assert model.generate(PROMPT.cuda(), max_new_tokens=4, do_sample=False).shape[1] == PROMPT.shape[1] + 4
 
 
-def _layer(group_size, sym, layout, n, k, seed=0):
+def _layer(group_size, sym, layout, n, k, seed=0, kernel=TinygemmKernel, dtype=None):
+    """A random 4-bit layer on the GPU, prepared for ``kernel`` (activations of ``dtype`` where it matters)."""
     spec, p, (q, s, z) = random_4bit_layer(group_size, sym, layout, n, k, seed)
+    spec = dataclasses.replace(spec, act_dtype=dtype)
     state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
-    state.update(TinygemmKernel.prepare(spec, state["qweight"], state["qzeros"], state["scales"]))
+    state.update(kernel.prepare(spec, state["qweight"], state["qzeros"], state["scales"]))
     return spec, state, (q, s, z)
 
 
@@ -326,11 +329,8 @@ def test_cuda_gemv_rounds_the_exact_product_once(sym, layout, group_size, dtype)
     from quantize.kernels.cuda_gemv import CudaGemvKernel
 
     n, k = 1030, 2048  # N not a multiple of the rows a block owns
-    spec, p, (q, s, z) = random_4bit_layer(group_size, sym, layout, n, k)
-    spec = LinearSpec(4, group_size, sym, layout, k, n, dtype)
+    spec, state, (q, s, z) = _layer(group_size, sym, layout, n, k, kernel=CudaGemvKernel, dtype=dtype)
     assert CudaGemvKernel.unsupported(spec, torch.device("cuda")) is None
-    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
-    state.update(CudaGemvKernel.prepare(spec, *state.values()))
     w = dequantize(q, s, z).cuda().double()
     bias = torch.randn(n, device="cuda").to(dtype)
     for m in (1, 2, 3, 4, cuda_gemv.MAX_M + 1, 40):
@@ -352,10 +352,7 @@ def test_cuda_gemv_rounds_the_exact_product_once(sym, layout, group_size, dtype)
 def test_cuda_gemv_cuda_graph_and_3d_input():
     from quantize.kernels.cuda_gemv import CudaGemvKernel
 
-    spec, p, _ = random_4bit_layer(128, True, "gptq", 4096, 4096)
-    spec = LinearSpec(4, 128, True, "gptq", 4096, 4096, torch.bfloat16)
-    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
-    state.update(CudaGemvKernel.prepare(spec, *state.values()))
+    spec, state, _ = _layer(128, True, "gptq", 4096, 4096, kernel=CudaGemvKernel, dtype=torch.bfloat16)
     x = torch.randn(1, 2, 4096, device="cuda", dtype=torch.bfloat16)
     eager = CudaGemvKernel.apply(spec, state, x, None)
     assert eager.shape == (1, 2, 4096)
@@ -375,10 +372,7 @@ def test_cuda_gemv_cuda_graph_and_3d_input():
 def test_cuda_gemv_compiled_once_for_every_m():
     from quantize.kernels.cuda_gemv import CudaGemvKernel
 
-    spec, p, (q, s, z) = random_4bit_layer(128, False, "auto_round", 512, 1024)
-    spec = LinearSpec(4, 128, False, "auto_round", 1024, 512, torch.bfloat16)
-    state = {"qweight": p.qweight.cuda(), "qzeros": p.qzeros.cuda(), "scales": p.scales.cuda()}
-    state.update(CudaGemvKernel.prepare(spec, *state.values()))
+    spec, state, (q, s, z) = _layer(128, False, "auto_round", 512, 1024, kernel=CudaGemvKernel, dtype=torch.bfloat16)
     w = dequantize(q, s, z).cuda().float()
     f = torch.compile(lambda x: CudaGemvKernel.apply(spec, state, x, None), dynamic=True, fullgraph=True)
     for m in (2, 3, 9, 40):  # both sides of MAX_M through one trace
