@@ -128,7 +128,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     t.add_argument("--disable_minmax_tuning", action="store_true", help="tune rounding only, not the clipping range")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast with float32 master weights (default: on for CUDA and for CPUs with bf16 matrix instructions, AMX or AVX512_BF16; off on other CPUs, where bf16 is slow)")
     t.add_argument("--init-clip", action=argparse.BooleanOptionalAction, default=None, help="search each group's clipping factor for the least activation-weighted rounding error: tuning "
-                   "starts from it (default: on for 2- to 4-bit integer layers); with --iters 0 the search is the "
+                   "starts from it (default: on for 2- and 3-bit integer layers); with --iters 0 the search is the "
                    "rounding (AutoRound's optimized RTN; default off there), for int, MXFP and NVFP4 weights")
     t.add_argument("--fp8-grads", action="store_true", default=None, help="backward products in float8 on GPUs with float8 tensor cores (H100/H200/Ada): the descent reads only gradient signs; about 5%% faster tuning of 7B-sized blocks, perplexity within noise but 0.4%% worse on average in our runs")
     t.add_argument("--gpus", type=int, default=1, help="tune on N GPUs of this machine, each process taking its share of every batch (same result as one GPU within float rounding; --batch_size must split evenly); same as starting the command with torchrun --nproc-per-node N")

@@ -25,7 +25,7 @@ class TuneConfig:
     # default: 5% faster on a 7B block, but 0.4% worse perplexity on average in four side-by-side runs.
     fp8_grads: bool = False
     # Start each group's range factors from the clipping that minimises the activation-weighted rounding
-    # error (instead of 1.0, the full range). None: for integer layers of 2 to 4 bits.
+    # error (instead of 1.0, the full range). None: for layers of 2 and 3 bits.
     init_clip: bool | None = None
     seed: int = 42
 
@@ -59,7 +59,7 @@ class TuneConfig:
         return (
             f"iters={self.iters}, lr={self.learning_rate:g}, minmax_lr={self.minmax_learning_rate:g}, "
             f"nsamples={self.nsamples}, seqlen={self.seqlen}, batch_size={self.batch_size}, grad_accum={self.grad_accum}"
-            + {True: ", clipping search", False: "", None: ", clipping search on 2-4-bit layers"}[self.init_clip]
+            + {True: ", clipping search", False: "", None: ", clipping search on 2/3-bit layers"}[self.init_clip]
             + (", float8 gradients" if self.fp8_grads else "")
         )
 

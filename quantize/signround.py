@@ -222,13 +222,11 @@ def search_clip(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor, ctx: 
 def searched_layers(cfg: TuneConfig, layers: dict[str, Scheme]) -> list[str]:
     """Layers whose clipping factors come from :func:`search_clip`: with ``init_clip`` on, every layer whose
     rule has a search grid (at iters 0 that is AutoRound's "optimized RTN"); by default, tuning starts 2-
-    to 4-bit integer weight-only layers from it and iters 0 is plain round-to-nearest. (4-bit joined on
-    2026-12-05, CPU, same ids: reference model W4A16 default preset 41.90 / 41.94 -> 41.65 / 41.96 over
-    seeds 42 / 43, SmolLM2 W4A16G64 light 34.16 -> 33.06 WikiText-2; benchmarks/NOTES.md v19.)"""
+    and 3-bit integer weight-only layers from it and iters 0 is plain round-to-nearest."""
     if cfg.init_clip is True:
         return [n for n, s in layers.items() if weight_rules.search_grid(s) is not None]
     if cfg.init_clip is None and cfg.iters > 0:
-        return [n for n, s in layers.items() if s.bits <= 4 and s.integer_weight_only]
+        return [n for n, s in layers.items() if s.bits <= 3 and s.integer_weight_only]
     return []
 
 

@@ -128,16 +128,6 @@ def test_clip_initialisation_tunes_from_the_searched_factors(first_block):
     assert tuned.loss_after < tuned.loss_before
 
 
-def test_tuning_starts_2_to_4_bit_integer_layers_from_the_clipping_search_by_default():
-    from quantize.scheme import get_scheme
-    from quantize.signround import searched_layers
-
-    layers = {f"l{b}": get_scheme("W4A16", bits=b) for b in (2, 3, 4, 8)} | {"fp": get_scheme("MXFP4A16")}
-    assert searched_layers(TuneConfig(iters=10), layers) == ["l2", "l3", "l4"]
-    assert searched_layers(TuneConfig(iters=10, init_clip=False), layers) == []
-    assert searched_layers(TuneConfig(iters=0), layers) == []  # iters 0: plain round-to-nearest unless asked
-
-
 @pytest.mark.parametrize("scheme", ["W4A16G32", "MXFP4A16", "NVFP4A16", "NVFP4"])
 def test_optimized_rtn_searches_each_groups_clipping(tiny_llama, scheme):
     """iters 0 with init_clip (AutoRound's optimized RTN): round_block searches each group's clipping factor
